@@ -1,0 +1,282 @@
+"""Typed run configuration: one source of truth per hyperparameter.
+
+Precedence: dataclass defaults (the reference recipe) < a recipe file (`--config FILE`, YAML or JSON)
+< command-line flags. A recipe file may hold one section per stage (`mlm:`, `finetune:`, `evaluate:`,
+`export:`); its top-level keys apply to every stage that has such a field.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence, TypeVar
+
+import yaml
+
+from dapt.errors import DaptError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+STAGES = ("mlm", "finetune", "evaluate", "export")
+TRUNCATIONS = ("head", "head+tail")
+ID2LABEL = {0: "negative", 1: "positive"}
+
+
+@dataclass
+class DataConfig:
+    """Where the text comes from and how it is cut to length."""
+
+    # Local parquet/CSV/JSONL files (or folders of them); empty means the hub dataset below.
+    data_files: list[str] = field(default_factory=list)
+    dataset_name: str = "stanfordnlp/imdb"
+    dataset_split: str = "train"
+    text_column: str = "text"
+    max_seq_length: int = 512
+    max_samples: int = 0  # 0 = all; otherwise a seeded random subset (quick runs, benchmarks)
+
+
+@dataclass
+class TrainConfig(DataConfig):
+    """Everything one training stage needs; the defaults are the reference recipe."""
+
+    output_dir: str = ""
+    model_name_or_path: str = "bert-base-uncased"
+    # Engine settings (ZeRO stage, precision, loss scaling, offload); batch sizes, optimizer and
+    # schedule are filled in from the fields below and must not be set there.
+    ds_config: str = "ds_configs/zero2_fp16.json"
+    seed: int = 42
+    overwrite_output_dir: bool = False
+    # Batch: the effective batch is fixed by the recipe; accumulation = effective / (micro * world).
+    effective_batch_size: int = 64
+    micro_batch_size: int = 16
+    eval_batch_size: int = 64
+    # AdamW with linear warmup then linear decay to zero.
+    learning_rate: float = 2e-5
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    num_epochs: int = 3
+    # >= 1: a number of optimizer steps; < 1: a fraction of all optimizer steps.
+    warmup: float = 0.0
+    # Held-out slice split off the training text for periodic evaluation (fraction of examples).
+    validation_split: float = 0.02
+    logging_steps: int = 50
+    eval_steps: int = 0  # 0 = evaluate at the end of each epoch only
+    num_workers: int = 0  # DataLoader workers per rank
+
+
+@dataclass
+class MLMConfig(TrainConfig):
+    dataset_split: str = "unsupervised"
+    warmup: float = 500
+    mlm_probability: float = 0.15
+
+
+@dataclass
+class FinetuneConfig(TrainConfig):
+    label_column: str = "label"
+    # head: keep the first tokens; head+tail: keep the first `head_tokens` and fill the rest of the
+    # budget from the end of the review (Sun et al. 2019: 128 + 382 of 512).
+    truncation: str = "head+tail"
+    head_tokens: int = 128
+
+
+@dataclass
+class EvalConfig(DataConfig):
+    output_dir: str = ""
+    model_name_or_path: str = ""
+    dataset_split: str = "test"
+    label_column: str = "label"
+    eval_batch_size: int = 64
+    max_seq_length: int = 0  # 0 = as the model was trained (stored in its config)
+    truncation: str = ""  # "" = as the model was trained
+    head_tokens: int = 0  # 0 = as the model was trained
+    # auto: bf16 (or fp16) autocast on GPUs that support it, fp32 on CPU.
+    precision: str = "auto"
+    overwrite_output_dir: bool = False
+
+
+@dataclass
+class ExportConfig:
+    checkpoint: str = ""  # a checkpoint folder (…/checkpoints/<tag>) or a run's output dir (latest)
+    output_dir: str = ""
+    overwrite_output_dir: bool = False
+
+
+C = TypeVar("C")
+
+
+def _field_kind(cls: type, f: dataclasses.Field) -> Any:
+    hints = typing.get_type_hints(cls)
+    return hints[f.name]
+
+
+def _coerce(name: str, kind: Any, value: Any) -> Any:
+    """Convert a recipe or CLI value to the field's type, or fail naming the field."""
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if typing.get_origin(kind) is list:
+            if isinstance(value, str):
+                value = [value]
+            return [str(v) for v in value]
+        if kind is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if kind is float:
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        tname = getattr(kind, "__name__", str(kind))
+        raise DaptError(f"config field '{name}' expects {tname}, got {value!r}") from None
+
+
+def _read_recipe(path: str, stage: str, cls: type) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise DaptError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise DaptError(f"config file {path} is not valid YAML/JSON: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise DaptError(f"config file {path} must hold a mapping of field names to values")
+    known_anywhere = {f.name for c in STAGE_CONFIGS.values() for f in dataclasses.fields(c)}
+    own = {f.name for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in STAGES:
+            continue
+        if key not in known_anywhere:
+            raise DaptError(f"config file {path}: unknown field '{key}'")
+        if key in own:
+            values[key] = value
+    section = data.get(stage) or {}
+    if not isinstance(section, dict):
+        raise DaptError(f"config file {path}: section '{stage}' must be a mapping")
+    for key, value in section.items():
+        if key not in own:
+            raise DaptError(f"config file {path}: unknown field '{key}' in section '{stage}'")
+        values[key] = value
+    return values
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:  # argparse prints usage + error; we want one line
+        raise DaptError(f"{self.prog}: {message}")
+
+
+def parse_config(cls: type[C], stage: str, argv: Sequence[str] | None = None) -> C:
+    """Build a stage config from defaults, an optional recipe file and command-line flags."""
+    parser = _OneLineParser(prog=stage, allow_abbrev=False, description=cls.__doc__)
+    parser.add_argument("--config", help="recipe file (YAML/JSON)")
+    # The deepspeed launcher appends --local_rank=N; the rank itself is read from the environment.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    for f in dataclasses.fields(cls):
+        kind = _field_kind(cls, f)
+        if typing.get_origin(kind) is list:
+            parser.add_argument(f"--{f.name}", nargs="+", default=None)
+        elif kind is bool:
+            parser.add_argument(f"--{f.name}", nargs="?", const="true", default=None)
+        else:
+            parser.add_argument(f"--{f.name}", default=None)
+    args = parser.parse_args(argv)
+    values: dict[str, Any] = {}
+    if args.config:
+        values.update(_read_recipe(args.config, stage, cls))
+    for f in dataclasses.fields(cls):
+        cli_value = getattr(args, f.name)
+        if cli_value is not None:
+            values[f.name] = cli_value
+    kinds = {f.name: _field_kind(cls, f) for f in dataclasses.fields(cls)}
+    cfg = cls(**{k: _coerce(k, kinds[k], v) for k, v in values.items()})
+    validate(cfg)
+    return cfg
+
+
+STAGE_CONFIGS: dict[str, type] = {
+    "mlm": MLMConfig,
+    "finetune": FinetuneConfig,
+    "evaluate": EvalConfig,
+    "export": ExportConfig,
+}
+
+
+def validate(cfg: Any) -> None:
+    """Checks that need no data, model or network: fail before anything is written."""
+    if not getattr(cfg, "output_dir", "x"):
+        raise DaptError("--output_dir is required")
+    if isinstance(cfg, (DataConfig,)):
+        if cfg.max_seq_length < 0 or (isinstance(cfg, TrainConfig) and cfg.max_seq_length < 8):
+            raise DaptError(f"max_seq_length must be at least 8, got {cfg.max_seq_length}")
+        if cfg.max_samples < 0:
+            raise DaptError(f"max_samples must be >= 0, got {cfg.max_samples}")
+    if isinstance(cfg, TrainConfig):
+        for name in ("effective_batch_size", "micro_batch_size", "eval_batch_size", "num_epochs"):
+            if getattr(cfg, name) < 1:
+                raise DaptError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+        if cfg.learning_rate <= 0:
+            raise DaptError(f"learning_rate must be > 0, got {cfg.learning_rate}")
+        if cfg.warmup < 0 or (1 <= cfg.warmup and not float(cfg.warmup).is_integer()):
+            raise DaptError(f"warmup must be a step count (>= 1) or a fraction in [0, 1), got {cfg.warmup}")
+        if not 0 <= cfg.validation_split < 1:
+            raise DaptError(f"validation_split must be in [0, 1), got {cfg.validation_split}")
+        if cfg.logging_steps < 1 or cfg.eval_steps < 0:
+            raise DaptError("logging_steps must be >= 1 and eval_steps >= 0")
+    if isinstance(cfg, MLMConfig) and not 0 < cfg.mlm_probability < 1:
+        raise DaptError(f"mlm_probability must be in (0, 1), got {cfg.mlm_probability}")
+    if isinstance(cfg, (FinetuneConfig, EvalConfig)):
+        if cfg.truncation and cfg.truncation not in TRUNCATIONS:
+            raise DaptError(f"truncation must be one of {', '.join(TRUNCATIONS)}, got {cfg.truncation!r}")
+        budget = cfg.max_seq_length - 2
+        if cfg.truncation == "head+tail" and cfg.max_seq_length and not 0 < cfg.head_tokens < budget:
+            raise DaptError(
+                f"head_tokens must be between 1 and max_seq_length - 3 = {budget - 1} for head+tail, "
+                f"got {cfg.head_tokens}"
+            )
+    if isinstance(cfg, EvalConfig):
+        if not cfg.model_name_or_path:
+            raise DaptError("--model_name_or_path is required (an exported model folder)")
+        if cfg.precision not in ("auto", "fp32", "fp16", "bf16"):
+            raise DaptError(f"precision must be auto, fp32, fp16 or bf16, got {cfg.precision!r}")
+    if isinstance(cfg, ExportConfig) and not cfg.checkpoint:
+        raise DaptError("--checkpoint is required")
+
+
+def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
+    """The warmup field read as steps (>= 1) or as a fraction of all steps (< 1)."""
+    if cfg.warmup >= 1:
+        return int(cfg.warmup)
+    return int(round(cfg.warmup * total_steps))
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def resolve_path(path: str) -> Path:
+    """A user path, or one relative to the repository (so `ds_configs/...` works from any CWD)."""
+    p = Path(path).expanduser()
+    if p.exists() or p.is_absolute():
+        return p
+    candidate = REPO_ROOT / p
+    return candidate if candidate.exists() else p
+
+
+def dump_json(obj: Any, path: Path) -> None:
+    """Write JSON atomically: a reader never sees a half-written file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    tmp.replace(path)

@@ -1,0 +1,315 @@
+"""Data: load and validate text, clean it, tokenise once, pack (MLM) or truncate (classification), and
+cut it into per-rank batches.
+
+Training order is a pure function of (seed, epoch, rank, world size), so a run can be resumed at any
+batch. Evaluation shards are disjoint and cover every example exactly once.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from dapt.config import DataConfig
+from dapt.errors import DaptError
+
+FORMATS = {".parquet": "parquet", ".csv": "csv", ".tsv": "csv", ".jsonl": "json", ".json": "json"}
+_BR = re.compile(r"<br\s*/?>", re.IGNORECASE)
+_SPACE = re.compile(r"\s+")
+
+
+def clean_text(text: str) -> str:
+    """Drop IMDB's HTML line breaks and collapse whitespace."""
+    return _SPACE.sub(" ", _BR.sub(" ", text)).strip()
+
+
+def _expand_files(paths: Sequence[str]) -> list[Path]:
+    files: list[Path] = []
+    for raw in paths:
+        p = Path(raw).expanduser()
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.suffix.lower() in FORMATS)
+            if not found:
+                raise DaptError(f"no {'/'.join(sorted(set(FORMATS.values())))} files in folder {raw}")
+            files.extend(found)
+        elif p.is_file():
+            if p.suffix.lower() not in FORMATS:
+                raise DaptError(f"unsupported data file type '{p.suffix}' for {raw} (use parquet, csv, tsv, jsonl)")
+            files.append(p)
+        else:
+            raise DaptError(f"data file not found: {raw}")
+    return files
+
+
+def load_table(cfg: DataConfig, seed: int, label_column: str | None = None) -> Any:
+    """A `datasets.Dataset` with a validated `text` column (and `label` when a label column is named)."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    if cfg.data_files:
+        files = _expand_files(cfg.data_files)
+        builders = {FORMATS[f.suffix.lower()] for f in files}
+        if len(builders) > 1:
+            raise DaptError(f"data files mix formats ({', '.join(sorted(builders))}); use one format per input")
+        builder = builders.pop()
+        kwargs: dict[str, Any] = {}
+        if builder == "csv" and all(f.suffix.lower() == ".tsv" for f in files):
+            kwargs["delimiter"] = "\t"
+        source = ", ".join(str(f) for f in files[:3]) + (" ..." if len(files) > 3 else "")
+        try:
+            ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", **kwargs)
+        except Exception as exc:  # datasets raises many types for unreadable files
+            raise DaptError(f"cannot read {source}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+    else:
+        source = f"{cfg.dataset_name} [{cfg.dataset_split}]"
+        try:
+            ds = datasets.load_dataset(cfg.dataset_name, split=cfg.dataset_split)
+        except Exception as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise DaptError(
+                f"cannot load dataset {source} (offline? pass local files with --data_files): {first}"
+            ) from None
+    return validate_table(ds, cfg, source, seed, label_column)
+
+
+def validate_table(ds: Any, cfg: DataConfig, source: str, seed: int, label_column: str | None) -> Any:
+    """Check columns, texts and labels; return a dataset with exactly `text` (and `label`)."""
+    needed = [cfg.text_column] + ([label_column] if label_column else [])
+    for col in needed:
+        if col not in ds.column_names:
+            raise DaptError(f"{source}: missing column '{col}' (columns: {', '.join(ds.column_names)})")
+    if len(ds) == 0:
+        raise DaptError(f"{source}: no rows")
+    if cfg.max_samples and cfg.max_samples < len(ds):
+        ds = ds.shuffle(seed=seed).select(range(cfg.max_samples))
+    texts = ds[cfg.text_column]
+    bad = [i for i, t in enumerate(texts) if not isinstance(t, str) or not t.strip()]
+    if bad:
+        raise DaptError(f"{source}: {len(bad)} empty or non-text value(s) in column '{cfg.text_column}' "
+                        f"(first at row {bad[0]})")
+    keep = {cfg.text_column: "text"}
+    if label_column:
+        labels = ds[label_column]
+        wrong = [i for i, y in enumerate(labels)
+                 if isinstance(y, bool) or not isinstance(y, (int, float)) or y not in (0, 1)]
+        if wrong:
+            raise DaptError(f"{source}: {len(wrong)} label(s) outside {{0, 1}} in column '{label_column}' "
+                            f"(first at row {wrong[0]}: {labels[wrong[0]]!r})")
+        keep[label_column] = "label"
+    ds = ds.select_columns(list(keep))
+    for old, new in keep.items():
+        if old != new:
+            ds = ds.rename_column(old, new)
+    if label_column and ds.features["label"].dtype != "int64":
+        ds = ds.cast_column("label", datasets_value("int64"))
+    return ds
+
+
+def datasets_value(dtype: str) -> Any:
+    import datasets
+
+    return datasets.Value(dtype)
+
+
+def split_validation(ds: Any, fraction: float, seed: int) -> tuple[Any, Any | None]:
+    """Split off a seeded held-out slice (at least one example) for periodic evaluation."""
+    if fraction <= 0:
+        return ds, None
+    n_val = max(1, int(round(len(ds) * fraction)))
+    if n_val >= len(ds):
+        raise DaptError(f"validation_split {fraction} leaves no training data out of {len(ds)} examples")
+    parts = ds.train_test_split(test_size=n_val, seed=seed, shuffle=True)
+    return parts["train"], parts["test"]
+
+
+# --- MLM: tokenise and pack ----------------------------------------------------------------------
+
+def tokenize_for_mlm(ds: Any, tokenizer: Any) -> Any:
+    """[CLS] text [SEP] per example, no truncation: packing cuts the blocks."""
+
+    def encode(batch: dict[str, list]) -> dict[str, list]:
+        enc = tokenizer([clean_text(t) for t in batch["text"]], add_special_tokens=True,
+                        truncation=False, return_attention_mask=False, return_token_type_ids=False,
+                        verbose=False)
+        return {"input_ids": enc["input_ids"]}
+
+    return ds.map(encode, batched=True, remove_columns=ds.column_names, desc="tokenize")
+
+
+def pack_blocks(ds: Any, block_size: int) -> Any:
+    """Concatenate token streams and cut full blocks of `block_size`; the short remainder is dropped,
+    so no position in an MLM batch is padding."""
+
+    def group(batch: dict[str, list]) -> dict[str, list]:
+        stream = [tok for ids in batch["input_ids"] for tok in ids]
+        n = (len(stream) // block_size) * block_size
+        return {"input_ids": [stream[i:i + block_size] for i in range(0, n, block_size)]}
+
+    # Large map batches keep the per-batch remainder (dropped) negligible.
+    return ds.map(group, batched=True, batch_size=2000, remove_columns=ds.column_names, desc="pack")
+
+
+def mask_tokens(input_ids: torch.Tensor, special_ids: Sequence[int], mask_id: int, vocab_size: int,
+                probability: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT masking: choose `probability` of the non-special positions; of those 80% -> [MASK],
+    10% -> a random token, 10% unchanged. Returns (inputs, labels with -100 where not chosen)."""
+    inputs = input_ids.clone()
+    labels = input_ids.clone()
+    special = torch.isin(inputs, torch.tensor(list(special_ids), dtype=inputs.dtype))
+    probs = torch.full(inputs.shape, probability)
+    probs[special] = 0.0
+    chosen = torch.bernoulli(probs, generator=generator).bool()
+    for row in range(inputs.shape[0]):  # every row keeps at least one target, so no loss is 0/0
+        if not chosen[row].any():
+            candidates = (~special[row]).nonzero().flatten()
+            if len(candidates):
+                pick = candidates[torch.randint(len(candidates), (1,), generator=generator)]
+                chosen[row, pick] = True
+    labels[~chosen] = -100
+    to_mask = torch.bernoulli(torch.full(inputs.shape, 0.8), generator=generator).bool() & chosen
+    inputs[to_mask] = mask_id
+    to_random = torch.bernoulli(torch.full(inputs.shape, 0.5), generator=generator).bool() & chosen & ~to_mask
+    random_words = torch.randint(vocab_size, inputs.shape, generator=generator, dtype=inputs.dtype)
+    inputs[to_random] = random_words[to_random]
+    return inputs, labels
+
+
+def batch_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (seed, epoch, first index): independent of worker count and order."""
+    return int(np.random.SeedSequence([p % (2**32) for p in parts]).generate_state(2, dtype=np.uint64)[0] >> 1)
+
+
+@dataclass
+class MLMCollator:
+    special_ids: tuple[int, ...]
+    mask_id: int
+    vocab_size: int
+    probability: float
+    seed: int
+    epoch: int  # -1 for evaluation: the same masks at every evaluation
+
+    def __call__(self, rows: dict[str, Any]) -> dict[str, torch.Tensor]:
+        ids = torch.tensor(rows["input_ids"], dtype=torch.long)
+        gen = torch.Generator().manual_seed(batch_seed(self.seed, self.epoch + 1, rows["_index"][0]))
+        inputs, labels = mask_tokens(ids, self.special_ids, self.mask_id, self.vocab_size, self.probability, gen)
+        return {"input_ids": inputs, "attention_mask": torch.ones_like(inputs), "labels": labels}
+
+
+# --- classification: truncate and pad -------------------------------------------------------------
+
+def truncate_ids(ids: list[int], budget: int, strategy: str, head_tokens: int) -> list[int]:
+    """Cut token ids (without special tokens) to `budget`: the head, or head + tail (Sun et al. 2019)."""
+    if len(ids) <= budget:
+        return ids
+    if strategy == "head":
+        return ids[:budget]
+    tail = budget - head_tokens
+    return ids[:head_tokens] + ids[len(ids) - tail:]
+
+
+def tokenize_for_classification(ds: Any, tokenizer: Any, max_seq_length: int, strategy: str,
+                                head_tokens: int) -> Any:
+    if tokenizer.cls_token_id is None or tokenizer.sep_token_id is None:
+        raise DaptError("the tokenizer has no [CLS]/[SEP] tokens (a BERT-family tokenizer is needed)")
+    cls_id, sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
+    budget = max_seq_length - 2  # [CLS] ... [SEP]
+
+    def encode(batch: dict[str, list]) -> dict[str, list]:
+        enc = tokenizer([clean_text(t) for t in batch["text"]], add_special_tokens=False, truncation=False,
+                        return_attention_mask=False, return_token_type_ids=False, verbose=False)
+        out = [[cls_id, *truncate_ids(ids, budget, strategy, head_tokens), sep_id] for ids in enc["input_ids"]]
+        return {"input_ids": out, "length": [len(x) for x in out],
+                "truncated": [len(ids) > budget for ids in enc["input_ids"]]}
+
+    return ds.map(encode, batched=True, remove_columns=["text"], desc="tokenize")
+
+
+@dataclass
+class PadCollator:
+    """Pads a batch to its own longest member, not to max_seq_length."""
+
+    pad_id: int
+
+    def __call__(self, rows: dict[str, Any]) -> dict[str, torch.Tensor]:
+        seqs = rows["input_ids"]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+            mask[i, :len(s)] = 1
+        batch = {"input_ids": ids, "attention_mask": mask}
+        if "label" in rows:
+            batch["labels"] = torch.tensor(rows["label"], dtype=torch.long)
+        return batch
+
+
+# --- batching -------------------------------------------------------------------------------------
+
+class IndexedRows(torch.utils.data.Dataset):
+    """Lets a DataLoader fetch a whole micro-batch of a `datasets.Dataset` in one call."""
+
+    def __init__(self, ds: Any, columns: Sequence[str]):
+        self.ds = ds.select_columns(list(columns))
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitems__(self, indices: list[int]) -> dict[str, Any]:
+        rows = self.ds[indices]
+        rows["_index"] = list(indices)
+        return rows
+
+    def __getitem__(self, index: int) -> dict[str, Any]:  # pragma: no cover - DataLoader uses __getitems__
+        return self.__getitems__([index])
+
+
+def steps_per_epoch(n_examples: int, effective_batch_size: int) -> int:
+    steps = n_examples // effective_batch_size
+    if steps == 0:
+        raise DaptError(f"{n_examples} training examples are fewer than one effective batch "
+                        f"({effective_batch_size}); lower effective_batch_size or add data")
+    return steps
+
+
+def train_batches(n_examples: int, epoch: int, seed: int, rank: int, world_size: int, micro: int,
+                  effective: int) -> list[list[int]]:
+    """This rank's micro-batches (index lists) for one epoch.
+
+    A seeded permutation per epoch; each global round of `world_size` micro-batches is dealt out
+    rank by rank. The epoch uses steps * effective examples (< one effective batch is left out, a
+    different random few each epoch), so every rank runs the same number of micro-batches.
+    """
+    steps = steps_per_epoch(n_examples, effective)
+    perm = torch.randperm(n_examples, generator=torch.Generator().manual_seed(batch_seed(seed, epoch)))
+    used = perm[: steps * effective].view(-1, world_size, micro)
+    return used[:, rank, :].tolist()
+
+
+def eval_shard(n_examples: int, rank: int, world_size: int) -> list[int]:
+    """Rank `rank`'s share of 0..n-1: strided, disjoint, together exactly all indices."""
+    return list(range(rank, n_examples, world_size))
+
+
+def eval_batches(indices: list[int], batch_size: int, lengths: Sequence[int] | None = None) -> list[list[int]]:
+    """Fixed-size batches of a shard, longest first when lengths are known (less padding)."""
+    if lengths is not None:
+        indices = sorted(indices, key=lambda i: -lengths[i])
+    return [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
+
+
+def num_eval_batches(n_examples: int, world_size: int, batch_size: int) -> int:
+    """The most batches any rank gets: all ranks must run that many forward passes (ZeRO-3
+    gathers weights collectively), ranks with fewer real batches run padding batches."""
+    return math.ceil(math.ceil(n_examples / world_size) / batch_size)
+
+
+def make_loader(rows: IndexedRows, batches: list[list[int]], collate: Any, num_workers: int,
+                pin_memory: bool) -> Iterator[dict[str, torch.Tensor]]:
+    return iter(torch.utils.data.DataLoader(rows, batch_sampler=batches, collate_fn=collate,
+                                            num_workers=num_workers, pin_memory=pin_memory))

@@ -1,0 +1,178 @@
+"""The DeepSpeed JSON: engine settings from `ds_configs/`, training values filled in from the recipe.
+
+The JSON owns ZeRO stage, precision, loss scaling, offload and bucket sizes. Batch sizes, optimizer,
+schedule and clipping belong to the training config; a JSON that sets one of them to something else
+is an error (a value equal to ours, or "auto", is accepted). Keys starting with "_" are comments.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from dapt.config import TrainConfig, resolve_path, warmup_steps
+from dapt.errors import DaptError
+
+# Top-level keys DeepSpeed understands that describe the engine (not the training recipe).
+ENGINE_KEYS = {
+    "zero_optimization", "fp16", "bf16", "amp", "torch_autocast", "communication_data_type",
+    "seq_parallel_communication_data_type", "prescale_gradients", "gradient_predivide_factor",
+    "sparse_gradients", "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer",
+    "steps_per_print", "wall_clock_breakdown", "memory_breakdown", "dump_state", "activation_checkpointing",
+    "flops_profiler", "comms_logger", "tensorboard", "csv_monitor", "wandb", "aio", "checkpoint",
+    "data_types", "compile", "timers", "elasticity", "autotuning", "disable_allgather",
+    "dataloader_drop_last", "graph_harvesting", "use_data_before_expert_parallelism", "nebula",
+    "compression_training", "data_efficiency", "curriculum_learning", "progressive_layer_drop",
+    "eigenvalue", "pipeline", "hybrid_engine", "weight_quantization", "quantize_training",
+    "sparse_attention", "mics_shard_size", "mics_hierarchical_params_gather",
+}
+# Keys dapt fills from the training config.
+FILLED_KEYS = {
+    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+    "optimizer", "scheduler", "gradient_clipping",
+}
+
+
+def load_ds_config(path: str) -> dict[str, Any]:
+    """Read and check the engine JSON (before any process group exists)."""
+    p = resolve_path(path)
+    if not p.is_file():
+        raise DaptError(f"DeepSpeed config not found: {path}")
+    try:
+        raw = json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise DaptError(f"DeepSpeed config {path} is not valid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise DaptError(f"DeepSpeed config {path} must be a JSON object")
+    raw = {k: v for k, v in raw.items() if not k.startswith("_")}
+    unknown = sorted(set(raw) - ENGINE_KEYS - FILLED_KEYS)
+    if unknown:
+        raise DaptError(f"DeepSpeed config {path}: unknown key '{unknown[0]}'")
+    _check_sections(raw, path)
+    return raw
+
+
+def _check_sections(raw: dict[str, Any], path: str) -> None:
+    """Let DeepSpeed's own schema reject misspelled nested keys now, as one line."""
+    from pydantic import ValidationError
+
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    zero = raw.get("zero_optimization", {})
+    try:
+        DeepSpeedZeroConfig(**zero)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(x) for x in err.get("loc", ()))
+        raise DaptError(f"DeepSpeed config {path}: zero_optimization.{where}: {err.get('msg')}") from None
+    for section, allowed in (
+        ("fp16", {"enabled", "auto_cast", "loss_scale", "initial_scale_power", "loss_scale_window",
+                  "hysteresis", "consecutive_hysteresis", "min_loss_scale", "fp16_master_weights_and_grads"}),
+        ("bf16", {"enabled", "immediate_grad_update", "check_grad_overflow", "bf16_master_weights_and_grads",
+                  "bf16_optimizer_states"}),
+    ):
+        extra = sorted(set(raw.get(section, {})) - allowed)
+        if extra:
+            raise DaptError(f"DeepSpeed config {path}: unknown key '{section}.{extra[0]}'")
+
+
+def zero_stage(ds: dict[str, Any]) -> int:
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+def offloads_optimizer(ds: dict[str, Any]) -> bool:
+    device = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    return device not in (None, "none")
+
+
+def resolve_precision(ds: dict[str, Any], path: str) -> str:
+    """fp32, fp16 or bf16, from the JSON and what the detected accelerator supports.
+
+    "auto" picks bf16 (else fp16) on an accelerator with native support and fp32 on CPU, where
+    DeepSpeed emulates half precision slowly.
+    """
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    on_cpu = acc.device_name() == "cpu"
+    fp16 = ds.get("fp16", {}).get("enabled", False)
+    bf16 = ds.get("bf16", {}).get("enabled", False)
+    if fp16 is True and bf16 is True:
+        raise DaptError(f"DeepSpeed config {path} enables both fp16 and bf16; pick one")
+    if bf16 is True or fp16 is True:
+        want = "bf16" if bf16 is True else "fp16"
+        supported = acc.is_bf16_supported() if want == "bf16" else acc.is_fp16_supported()
+        if not supported:
+            raise DaptError(
+                f"DeepSpeed config {path} enables {want}, which the {acc.device_name()} accelerator "
+                f"does not support; use a config with another precision or enabled: \"auto\""
+            )
+        return want
+    if not on_cpu:
+        if bf16 == "auto" and acc.is_bf16_supported():
+            return "bf16"
+        if fp16 == "auto" and acc.is_fp16_supported():
+            return "fp16"
+    return "fp32"
+
+
+def build_ds_config(cfg: TrainConfig, ds: dict[str, Any], path: str, world_size: int,
+                    steps_total: int) -> dict[str, Any]:
+    """The engine JSON with batch, optimizer and schedule from `cfg` for this world size."""
+    per_step = cfg.micro_batch_size * world_size
+    if cfg.effective_batch_size % per_step:
+        raise DaptError(
+            f"effective_batch_size {cfg.effective_batch_size} is not divisible by micro_batch_size "
+            f"{cfg.micro_batch_size} x world size {world_size}"
+        )
+    from deepspeed.accelerator import get_accelerator
+
+    on_cpu = get_accelerator().device_name() == "cpu"
+    precision = resolve_precision(ds, path)
+    filled: dict[str, Any] = {
+        "train_batch_size": cfg.effective_batch_size,
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": cfg.effective_batch_size // per_step,
+        "gradient_clipping": cfg.max_grad_norm,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": cfg.learning_rate,
+                "betas": [cfg.adam_beta1, cfg.adam_beta2],
+                "eps": cfg.adam_epsilon,
+                "weight_decay": cfg.weight_decay,
+                # FusedAdam on GPUs; on CPU torch's AdamW (no JIT build); offload needs DeepSpeedCPUAdam.
+                **({"torch_adam": True} if on_cpu and not offloads_optimizer(ds) else {}),
+            },
+        },
+        "scheduler": {
+            "type": "WarmupDecayLR",
+            "params": {
+                "total_num_steps": steps_total,
+                "warmup_min_lr": 0.0,
+                "warmup_max_lr": cfg.learning_rate,
+                # DeepSpeed needs >= 1; like HF's linear schedule, step 0 then runs at lr 0.
+                "warmup_num_steps": max(1, min(warmup_steps(cfg, steps_total), steps_total)),
+                "warmup_type": "linear",
+            },
+        },
+    }
+    for key, ours in filled.items():
+        theirs = ds.get(key, "auto")
+        if theirs == "auto":
+            continue
+        if key in ("optimizer", "scheduler"):
+            raise DaptError(
+                f"DeepSpeed config {path} sets '{key}'; the {key} comes from the training config "
+                f"(learning_rate, adam_*, weight_decay, warmup): remove it from the JSON"
+            )
+        if theirs != ours:
+            raise DaptError(
+                f"DeepSpeed config {path} sets {key}={theirs} but the training config gives {ours}; "
+                f"remove it from the JSON (the training config is its source of truth)"
+            )
+    out = {k: v for k, v in ds.items() if k not in FILLED_KEYS}
+    out.update(filled)
+    out["fp16"] = {**ds.get("fp16", {}), "enabled": precision == "fp16"}
+    out["bf16"] = {**ds.get("bf16", {}), "enabled": precision == "bf16"}
+    out.setdefault("steps_per_print", 10**9)  # dapt logs itself
+    return out

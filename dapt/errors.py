@@ -1,0 +1,33 @@
+"""User-facing errors: one line on stderr and a non-zero exit, never a traceback for bad input."""
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from typing import Callable, TypeVar
+
+EXIT_USAGE = 2  # bad input: configuration, data, paths
+
+T = TypeVar("T")
+
+
+class DaptError(Exception):
+    """An error caused by the user's input; its message is shown as one line."""
+
+
+def cli_entry(main: Callable[..., T]) -> Callable[..., T]:
+    """Wrap a command's main(): DaptError -> `dapt: error: ...` and exit code 2."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except DaptError as exc:
+            msg = " ".join(str(exc).split())
+            # Under a multi-rank launch every rank reports; the prefix says which.
+            world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+            prefix = f"[rank {os.environ.get('RANK', '?')}] " if world > 1 else ""
+            print(f"{prefix}dapt: error: {msg}", file=sys.stderr, flush=True)
+            sys.exit(EXIT_USAGE)
+
+    return wrapper

