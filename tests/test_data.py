@@ -1,0 +1,146 @@
+import collections
+
+import pytest
+import torch
+
+from dapt.config import MLMConfig
+from dapt.data import (MLMCollator, clean_text, eval_shard, load_table, mask_tokens, num_eval_batches, pack_blocks,
+                       steps_per_epoch, tokenize_for_classification, tokenize_for_mlm, train_batches, truncate_ids)
+from dapt.distributed import DistInfo
+from dapt.errors import DaptError
+from dapt.evaluation import sharded_batches
+
+from conftest import SHARED_IMDB
+
+
+def test_clean_text_removes_html_breaks():
+    assert clean_text("Great.<br /><br />Loved it.<BR>Really<br/>.") == "Great. Loved it. Really ."
+
+
+def test_truncate_head_and_head_tail():
+    ids = list(range(1000))
+    assert truncate_ids(ids, 510, "head", 128) == list(range(510))
+    kept = truncate_ids(ids, 510, "head+tail", 128)
+    assert kept == list(range(128)) + list(range(1000 - 382, 1000)) and len(kept) == 510
+    assert truncate_ids(ids[:300], 510, "head+tail", 128) == ids[:300]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def imdb_sample():
+    import datasets
+
+    if not (SHARED_IMDB / "train.parquet").exists():
+        pytest.skip("../shared/data/imdb not present")
+    ds = datasets.load_dataset("parquet", data_files=str(SHARED_IMDB / "train.parquet"), split="train")
+    return ds.shuffle(seed=0).select(range(200)).select_columns(["text", "label"])
+
+
+def test_head_tail_on_real_reviews(tokenizer, imdb_sample):
+    data = tokenize_for_classification(imdb_sample, tokenizer, 512, "head+tail", 128)
+    assert max(data["length"]) == 512 and any(data["truncated"])
+    for text, ids, cut in zip(imdb_sample["text"], data["input_ids"], data["truncated"]):
+        full = tokenizer(clean_text(text), add_special_tokens=False)["input_ids"]
+        assert ids[0] == tokenizer.cls_token_id and ids[-1] == tokenizer.sep_token_id
+        if cut:
+            assert ids[1:-1] == full[:128] + full[-382:]
+        else:
+            assert ids[1:-1] == full
+
+
+def test_packing_gives_full_blocks_without_padding(tokenizer, imdb_sample):
+    tokens = tokenize_for_mlm(imdb_sample.select_columns(["text"]), tokenizer)
+    stream = [t for ids in tokens["input_ids"] for t in ids]
+    blocks = pack_blocks(tokens, 128)
+    assert len(blocks) == len(stream) // 128
+    assert all(len(b) == 128 for b in blocks["input_ids"])
+    assert tokenizer.pad_token_id not in {t for b in blocks["input_ids"] for t in b}
+    assert [t for b in blocks["input_ids"] for t in b] == stream[: len(blocks) * 128]  # order kept
+    collate = MLMCollator(tuple(tokenizer.all_special_ids), tokenizer.mask_token_id, len(tokenizer), 0.15, 0, 0)
+    batch = collate({"input_ids": blocks[:8]["input_ids"], "_index": list(range(8))})
+    assert batch["attention_mask"].all() and batch["input_ids"].shape == (8, 128)
+
+
+def test_masking_rates_and_specials():
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, 30000, (64, 512))
+    ids[:, 0], ids[:, -1] = 101, 102
+    inputs, labels = mask_tokens(ids, (0, 100, 101, 102, 103), 103, 30522, 0.15, gen)
+    chosen = labels != -100
+    assert not chosen[:, 0].any() and not chosen[:, -1].any()
+    assert abs(chosen.float().mean().item() - 0.15 * 510 / 512) < 0.005
+    assert torch.equal(labels[chosen], ids[chosen])
+    masked = (inputs == 103) & chosen
+    kept = (inputs == ids) & chosen
+    assert abs(masked.sum().item() / chosen.sum().item() - 0.8) < 0.02
+    assert 0.07 < kept.sum().item() / chosen.sum().item() < 0.13  # 10% kept (+ random hits of the same id)
+    assert torch.equal(inputs[~chosen], ids[~chosen])
+
+
+def test_masking_keeps_one_target_per_row():
+    gen = torch.Generator().manual_seed(1)
+    _, labels = mask_tokens(torch.full((50, 4), 2000), (101, 102), 103, 30522, 0.01, gen)
+    assert ((labels != -100).sum(1) >= 1).all()
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_train_batches_are_disjoint_and_equal_per_rank(world):
+    n, micro, eff = 103, 4, 4 * world * 2
+    per_rank = [train_batches(n, 0, 7, r, world, micro, eff) for r in range(world)]
+    assert len({len(b) for b in per_rank}) == 1 and len(per_rank[0]) == steps_per_epoch(n, eff) * 2
+    seen = [i for batches in per_rank for b in batches for i in b]
+    assert len(seen) == len(set(seen)) == steps_per_epoch(n, eff) * eff
+    assert train_batches(n, 0, 7, 0, world, micro, eff) == per_rank[0]  # deterministic
+    assert train_batches(n, 1, 7, 0, world, micro, eff) != per_rank[0]  # reshuffled per epoch
+
+
+def test_too_little_data_for_one_batch():
+    with pytest.raises(DaptError, match="fewer than one effective batch"):
+        steps_per_epoch(10, 16)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 5])
+def test_eval_shards_cover_every_example_once(world):
+    for n in list(range(0, 40)) + [97, 101, 1000]:
+        shards = [eval_shard(n, r, world) for r in range(world)]
+        flat = sorted(i for s in shards for i in s)
+        assert flat == list(range(n))
+        for bs in (1, 3, 8):
+            counts = []
+            for r in range(world):
+                info = DistInfo(rank=r, world_size=world, local_rank=r, device=torch.device("cpu"), backend="gloo")
+                batches = list(sharded_batches(max(n, 1), info, bs))
+                counts.append(len(batches))
+            assert len(set(counts)) == 1 and counts[0] == num_eval_batches(max(n, 1), world, bs)
+
+
+def _jsonl(path, rows):
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_load_table_validation_errors(tmp_path):
+    cfg = MLMConfig(output_dir="x")
+    cfg.data_files = [_jsonl(tmp_path / "a.jsonl", [{"body": "x"}])]
+    with pytest.raises(DaptError, match="missing column 'text'"):
+        load_table(cfg, 0)
+    cfg.data_files = [_jsonl(tmp_path / "b.jsonl", [{"text": "fine"}, {"text": "   "}])]
+    with pytest.raises(DaptError, match="1 empty or non-text value.*row 1"):
+        load_table(cfg, 0)
+    cfg.data_files = [_jsonl(tmp_path / "c.jsonl", [{"text": "a", "label": 1}, {"text": "b", "label": 2}])]
+    with pytest.raises(DaptError, match=r"outside \{0, 1\}.*row 1: 2"):
+        load_table(cfg, 0, label_column="label")
+    cfg.data_files = [str(tmp_path / "missing.parquet")]
+    with pytest.raises(DaptError, match="data file not found"):
+        load_table(cfg, 0)
+    cfg.data_files = [_jsonl(tmp_path / "d.jsonl", [{"text": "good", "label": 0}, {"text": "bad", "label": 1}])]
+    ds = load_table(cfg, 0, label_column="label")
+    assert ds.column_names == ["text", "label"] and collections.Counter(ds["label"]) == {0: 1, 1: 1}

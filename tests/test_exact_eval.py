@@ -1,0 +1,74 @@
+"""Exactness of distributed evaluation: for many data sizes (primes, N < world size) and world sizes
+1..4, the all-reduced counts equal a single-process computation and scikit-learn's metrics."""
+import json
+
+import pytest
+import torch
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
+
+from conftest import ROOT, assert_ok, free_port
+from dapt.data import tokenize_for_classification
+
+SIZES = [1, 2, 3, 5, 7, 11, 13, 16, 31, 37, 64]
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory, tiny_model):
+    """A classifier whose random head is scaled up so that predictions are mixed, not one class."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.manual_seed(3)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=2)
+    with torch.no_grad():
+        model.classifier.weight.normal_(0, 3.0)
+    out = tmp_path_factory.mktemp("clf")
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(classifier, demo_files):
+    """Single-process predictions for every example: the ground truth for every N."""
+    import datasets
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(classifier)
+    model = AutoModelForSequenceClassification.from_pretrained(classifier).eval()
+    full = datasets.load_dataset("json", data_files=str(demo_files["test"]), split="train")
+    data = tokenize_for_classification(full.select(range(max(SIZES))), tok, 64, "head+tail", 16)
+    preds = []
+    with torch.no_grad():
+        for ids in data["input_ids"]:
+            logits = model(input_ids=torch.tensor([ids])).logits[0]
+            # no near-ties: padding in batched eval changes logits by ~1e-7, never an argmax here
+            assert abs(float(logits[0] - logits[1])) > 1e-3
+            preds.append(int(logits.argmax()))
+    labels = data["label"]
+    assert 0 < sum(preds[:37]) < 37, "predictions should be mixed for a meaningful test"
+    return labels, preds
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_counts_are_exact_for_any_size_and_world(world, classifier, demo_files, reference, base_env, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "res.json"
+    cmd = [str(__import__("pathlib").Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(world),
+           "--master_port", str(free_port()), str(ROOT / "tests" / "workers" / "exact_eval.py"),
+           str(classifier), str(demo_files["test"]), str(out), ",".join(map(str, SIZES))]
+    assert_ok(subprocess.run(cmd, env=base_env, cwd=ROOT, capture_output=True, text=True, timeout=300))
+    got = json.loads(out.read_text())
+    assert got["world_size"] == world
+    labels, preds = reference
+    for n in SIZES:
+        y, p = labels[:n], preds[:n]
+        for bs in (1, 4, 16):
+            res = got["results"][f"{n}/{bs}"]
+            assert res["n_examples"] == n
+            assert res["confusion_matrix"] == confusion_matrix(y, p, labels=[0, 1]).tolist(), (n, bs)
+            assert res["accuracy"] == pytest.approx(accuracy_score(y, p), abs=1e-12)
+            assert res["f1_macro"] == pytest.approx(f1_score(y, p, average="macro", labels=[0, 1], zero_division=0),
+                                                    abs=1e-12)
