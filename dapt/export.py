@@ -17,6 +17,7 @@ import torch
 
 from dapt.config import ExportConfig, parse_config
 from dapt.errors import DaptError, cli_entry
+from dapt.models import quiet_transformers
 
 META_DIR = "hf_meta"  # config + tokenizer + dapt.json saved inside every checkpoint tag
 ARCHES = ("mlm", "classifier")
@@ -128,6 +129,7 @@ def write_model_folder(model: torch.nn.Module, tokenizer: Any, out_dir: Path, ov
         if stale.exists():
             shutil.rmtree(stale)
     tmp.parent.mkdir(parents=True, exist_ok=True)
+    quiet_transformers()
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     if out_dir.exists():

@@ -41,7 +41,15 @@ def resolve_model(name_or_path: str) -> str:
     return name_or_path  # a hub id such as bert-base-uncased
 
 
+def quiet_transformers() -> None:
+    """No per-file progress bars in job logs (Slurm logs are not terminals)."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+
+
 def _load(what: str, name: str, fn: Any, **kwargs: Any) -> Any:
+    quiet_transformers()
     try:
         return fn(name, **kwargs)
     except (OSError, ValueError) as exc:

@@ -52,6 +52,8 @@ CASES = {
 def test_finetune_rejects_bad_input(case, tmp_path, good_output, tiny_model, base_env):
     row, extra, message = CASES[case]
     rows = [{"text": "a fine film", "label": 0}] * 20 + [row] + [{"text": "a bad film", "label": 1}] * 20
+    if case.startswith("missing"):  # a column absent from the whole file
+        rows = [{k: v for k, v in row.items()} for _ in range(41)]
     data = _jsonl(tmp_path / "train.jsonl", rows)
     ds = "ds_configs/zero2_auto.json"
     if extra[:1] == ["ds:unknown"]:
@@ -74,7 +76,7 @@ def test_finetune_rejects_bad_input(case, tmp_path, good_output, tiny_model, bas
 def test_existing_run_is_not_overwritten(tmp_path, good_output, tiny_model, base_env, demo_files):
     before = _snapshot(good_output)
     line = _error_line(run_cli("mlm.py", ["--model_name_or_path", tiny_model, "--data_files", demo_files["unlabelled"],
-                                          "--output_dir", good_output], base_env))
+                                          "--output_dir", good_output, "--max_seq_length", "64"], base_env))
     assert "is not empty" in line and "--overwrite_output_dir" in line
     line = _error_line(run_cli("evaluate.py", ["--model_name_or_path", tiny_model, "--data_files", demo_files["test"],
                                                "--output_dir", good_output], base_env))

@@ -12,37 +12,52 @@ from dapt.data import tokenize_for_classification
 SIZES = [1, 2, 3, 5, 7, 11, 13, 16, 31, 37, 64]
 
 
+def _encoded(demo_files, tok):
+    import datasets
+
+    full = datasets.load_dataset("json", data_files=str(demo_files["train"]), split="train")
+    return tokenize_for_classification(full.select(range(max(SIZES))), tok, 64, "head+tail", 16)
+
+
 @pytest.fixture(scope="module")
-def classifier(tmp_path_factory, tiny_model):
-    """A classifier whose random head is scaled up so that predictions are mixed, not one class."""
+def classifier(tmp_path_factory, tiny_model, demo_files):
+    """A random classifier whose head is rescaled and centred on this data, so that predictions are
+    mixed (a random tiny BERT's pooled outputs barely differ between inputs)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     torch.manual_seed(3)
-    model = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=2)
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=2).eval()
     with torch.no_grad():
-        model.classifier.weight.normal_(0, 3.0)
+        pooled = torch.stack([model.bert(input_ids=torch.tensor([ids])).pooler_output[0]
+                              for ids in _encoded(demo_files, tok)["input_ids"]])
+        v = torch.randn(pooled.shape[1])
+        score = pooled @ v
+        scale = 1.0 / score.std()
+        model.classifier.weight.zero_()
+        model.classifier.weight[1] = v * scale
+        model.classifier.bias.zero_()
+        model.classifier.bias[1] = -(score * scale).mean()
     out = tmp_path_factory.mktemp("clf")
     model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(out)
+    tok.save_pretrained(out)
     return out
 
 
 @pytest.fixture(scope="module")
 def reference(classifier, demo_files):
     """Single-process predictions for every example: the ground truth for every N."""
-    import datasets
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(classifier)
     model = AutoModelForSequenceClassification.from_pretrained(classifier).eval()
-    full = datasets.load_dataset("json", data_files=str(demo_files["test"]), split="train")
-    data = tokenize_for_classification(full.select(range(max(SIZES))), tok, 64, "head+tail", 16)
+    data = _encoded(demo_files, tok)
     preds = []
     with torch.no_grad():
         for ids in data["input_ids"]:
             logits = model(input_ids=torch.tensor([ids])).logits[0]
             # no near-ties: padding in batched eval changes logits by ~1e-7, never an argmax here
-            assert abs(float(logits[0] - logits[1])) > 1e-3
+            assert abs(float(logits[0] - logits[1])) > 1e-4
             preds.append(int(logits.argmax()))
     labels = data["label"]
     assert 0 < sum(preds[:37]) < 37, "predictions should be mixed for a meaningful test"
@@ -58,7 +73,7 @@ def test_counts_are_exact_for_any_size_and_world(world, classifier, demo_files, 
     out = tmp_path / "res.json"
     cmd = [str(__import__("pathlib").Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(world),
            "--master_port", str(free_port()), str(ROOT / "tests" / "workers" / "exact_eval.py"),
-           str(classifier), str(demo_files["test"]), str(out), ",".join(map(str, SIZES))]
+           str(classifier), str(demo_files["train"]), str(out), ",".join(map(str, SIZES))]
     assert_ok(subprocess.run(cmd, env=base_env, cwd=ROOT, capture_output=True, text=True, timeout=300))
     got = json.loads(out.read_text())
     assert got["world_size"] == world
