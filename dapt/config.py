@@ -67,6 +67,13 @@ class TrainConfig(DataConfig):
     logging_steps: int = 50
     eval_steps: int = 0  # 0 = evaluate at the end of each epoch only
     num_workers: int = 0  # DataLoader workers per rank
+    # Checkpoints: every save_steps optimizer steps (0 = only at epoch ends and on a stop signal),
+    # the newest keep_last kept plus pinned tags. resume: auto (latest complete checkpoint in
+    # output_dir, if any), never (fresh start; an existing run needs --overwrite_output_dir), or a path.
+    save_steps: int = 500
+    keep_last: int = 2
+    pin_checkpoints: list[str] = field(default_factory=list)
+    resume: str = "auto"
 
 
 @dataclass
@@ -235,6 +242,10 @@ def validate(cfg: Any) -> None:
             raise DaptError(f"validation_split must be in [0, 1), got {cfg.validation_split}")
         if cfg.logging_steps < 1 or cfg.eval_steps < 0:
             raise DaptError("logging_steps must be >= 1 and eval_steps >= 0")
+        if cfg.save_steps < 0 or cfg.keep_last < 1:
+            raise DaptError("save_steps must be >= 0 and keep_last >= 1")
+        if not cfg.resume:
+            raise DaptError("resume must be auto, never or a checkpoint path")
     if isinstance(cfg, MLMConfig) and not 0 < cfg.mlm_probability < 1:
         raise DaptError(f"mlm_probability must be in (0, 1), got {cfg.mlm_probability}")
     if isinstance(cfg, (FinetuneConfig, EvalConfig)):

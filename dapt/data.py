@@ -310,6 +310,6 @@ def num_eval_batches(n_examples: int, world_size: int, batch_size: int) -> int:
 
 
 def make_loader(rows: IndexedRows, batches: list[list[int]], collate: Any, num_workers: int,
-                pin_memory: bool) -> Iterator[dict[str, torch.Tensor]]:
+                pin_memory: bool, generator: torch.Generator | None = None) -> Iterator[dict[str, torch.Tensor]]:
     return iter(torch.utils.data.DataLoader(rows, batch_sampler=batches, collate_fn=collate,
-                                            num_workers=num_workers, pin_memory=pin_memory))
+                                            num_workers=num_workers, pin_memory=pin_memory, generator=generator))

@@ -93,6 +93,14 @@ def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return t.to(tensor.device)
 
 
+def all_reduce_max(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if info.world_size == 1:
+        return tensor.clone()
+    t = tensor.to(comm_device(info)).clone()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.to(tensor.device)
+
+
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()

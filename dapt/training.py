@@ -1,29 +1,36 @@
 """The one training loop both stages share, on the DeepSpeed engine.
 
 A stage supplies a `Task` (its data, batches, evaluation and probe input); this module owns the
-rest: output-dir safety, the engine, accumulation, schedule, logging, checkpoint and export.
+rest: output-dir safety, resume, the engine, accumulation, schedule, logging, checkpoints, stop
+signals and export.
 """
 from __future__ import annotations
 
 import json
 import math
 import shutil
+import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
 import torch
 
+from dapt import checkpoint as ckpt
 from dapt.config import TrainConfig, dump_json, to_dict, warmup_steps
 from dapt.data import IndexedRows, make_loader, steps_per_epoch, train_batches
-from dapt.distributed import DistInfo, all_reduce_sum, barrier, setup_distributed, shutdown
+from dapt.distributed import DistInfo, all_reduce_max, all_reduce_sum, barrier, setup_distributed, shutdown
 from dapt.ds_config import build_ds_config, load_ds_config, zero_stage
 from dapt.errors import DaptError
 from dapt.evaluation import to_device
 from dapt.export import export_checkpoint, logits_of, save_hf_meta
 from dapt.models import load_tokenizer, resolve_model
 from dapt.version import __version__
+
+# What a dapt run directory holds; a directory with only these (and no complete checkpoint) is a run
+# that died before its first checkpoint and may be started again.
+RUN_FILES = {"run_config.json", "metrics.jsonl", "checkpoints"}
 
 
 class Task(Protocol):
@@ -44,9 +51,12 @@ class Task(Protocol):
 
 @dataclass
 class TrainState:
-    epoch: int = 0
-    step: int = 0  # optimizer steps taken (including fp16-overflow skips, which DeepSpeed counts)
+    position: ckpt.TrainPosition
     history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class StopRequested(Exception):
+    """Raised after the stop checkpoint is saved; the entry point exits with EXIT_REQUEUE."""
 
 
 class MetricsLog:
@@ -54,6 +64,13 @@ class MetricsLog:
 
     def __init__(self, path: Path | None):
         self.path = path
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, drop records of steps the interrupted run took after its last checkpoint."""
+        if self.path is None or not self.path.exists():
+            return
+        keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        self.path.write_text("".join(ln + "\n" for ln in keep))
 
     def write(self, record: dict[str, Any], line: str) -> None:
         if self.path is None:
@@ -64,8 +81,11 @@ class MetricsLog:
 
 
 def guard_output_dir(out: Path, overwrite: bool) -> None:
-    """Refuse to write into a directory that holds a previous run, unless told to."""
-    if out.exists() and any(out.iterdir()) and not overwrite:
+    """Refuse to write into a directory that holds a previous run (or anything else), unless told to."""
+    if not out.exists() or overwrite:
+        return
+    entries = {p.name for p in out.iterdir()}
+    if entries and not entries <= RUN_FILES:
         raise DaptError(f"output_dir {out} is not empty (a previous run?); pass --overwrite_output_dir "
                         f"to replace it or choose another directory")
 
@@ -93,19 +113,49 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def _finished(out: Path, resume_from: Path | None) -> dict[str, Any] | None:
+    """The summary of a run whose export of its final checkpoint already completed."""
+    summary_path = out / "summary.json"
+    if resume_from is None or not summary_path.is_file() or not (out / "model").is_dir():
+        return None
+    summary = json.loads(summary_path.read_text())
+    return summary if summary.get("checkpoint") == str(resume_from) else None
+
+
+def set_seed(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() != "cpu":
+        get_accelerator().manual_seed_all(seed)
+
+
 def run_stage(cfg: TrainConfig, build_task: Callable[[TrainConfig, DistInfo, Any], Task],
               load_model: Callable[[str], torch.nn.Module]) -> dict[str, Any]:
-    """Validate, train, checkpoint and export one stage. Returns the run summary (all ranks)."""
+    """Validate, train (or resume), checkpoint and export one stage. Returns the run summary."""
     import deepspeed
 
     # Everything that can be checked without data or a process group fails first, writing nothing.
     ds_raw = load_ds_config(cfg.ds_config)
     model_path = resolve_model(cfg.model_name_or_path)
-    model_config = check_length(cfg, model_path)
+    check_length(cfg, model_path)
     out = Path(cfg.output_dir)
-    guard_output_dir(out, cfg.overwrite_output_dir)
+    resume_from = None if cfg.overwrite_output_dir and cfg.resume == "auto" else ckpt.find_resume(out, cfg.resume)
+    if resume_from is None:
+        guard_output_dir(out, cfg.overwrite_output_dir)
+    done = _finished(out, resume_from)
+    if done is not None:
+        print(f"{out}: this run already finished (model exported from {resume_from}); nothing to do", flush=True)
+        return done
 
     info = setup_distributed()
+    stop = ckpt.StopFlag()
     tokenizer = load_tokenizer(model_path)
     task = build_task(cfg, info, tokenizer)
     per_epoch = steps_per_epoch(task.n_train, cfg.effective_batch_size)
@@ -113,56 +163,88 @@ def run_stage(cfg: TrainConfig, build_task: Callable[[TrainConfig, DistInfo, Any
     ds_cfg = build_ds_config(cfg, ds_raw, cfg.ds_config, info.world_size, total_steps)
     accum = ds_cfg["gradient_accumulation_steps"]
     warmup = ds_cfg["scheduler"]["params"]["warmup_num_steps"]
-    if info.is_main and warmup_steps(cfg, total_steps) > total_steps:
-        print(f"warning: warmup of {warmup_steps(cfg, total_steps)} steps exceeds the {total_steps} steps of this "
-              f"run; the learning rate peaks at the last step", flush=True)
+    precision = "bf16" if ds_cfg["bf16"]["enabled"] else "fp16" if ds_cfg["fp16"]["enabled"] else "fp32"
 
+    saved_world = ckpt.validate(resume_from).world_size if resume_from else info.world_size
+    if resume_from is not None and saved_world != info.world_size:
+        resume_from = ckpt.to_universal(resume_from, info)  # re-partition ZeRO state for the new world size
+        ds_cfg["checkpoint"] = {**ds_cfg.get("checkpoint", {}), "load_universal": True}
+
+    # The same seed on every rank: newly initialised weights (a new head) must be identical on all
+    # ranks, and two runs of one config must be the same run.
+    set_seed(cfg.seed)
     model = load_model(model_path)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=_param_groups(model, cfg.weight_decay),
                                            config=ds_cfg)
-    precision = "bf16" if ds_cfg["bf16"]["enabled"] else "fp16" if ds_cfg["fp16"]["enabled"] else "fp32"
-
     log = MetricsLog(out / "metrics.jsonl" if info.is_main else None)
+    state = TrainState(ckpt.TrainPosition(world_size=info.world_size, effective_batch_size=cfg.effective_batch_size,
+                                          seed=cfg.seed))
+    if resume_from is not None:
+        pos = ckpt.load(engine, resume_from, info.rank, same_world=saved_world == info.world_size)
+        if (pos.effective_batch_size, pos.seed) != (cfg.effective_batch_size, cfg.seed):
+            raise DaptError(f"checkpoint {resume_from} was trained with effective_batch_size "
+                            f"{pos.effective_batch_size} and seed {pos.seed}; this run has "
+                            f"{cfg.effective_batch_size} and {cfg.seed}")
+        state.position = ckpt.TrainPosition(**{**asdict(pos), "world_size": info.world_size})
+        ds_cfg.get("checkpoint", {}).pop("load_universal", None)
     if info.is_main:
-        if cfg.overwrite_output_dir:
-            for stale in (out / "checkpoints", out / "metrics.jsonl"):
+        if resume_from is None:
+            for stale in (out / "checkpoints", out / "metrics.jsonl", out / "summary.json"):
                 shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
         out.mkdir(parents=True, exist_ok=True)
+        log.truncate_after(state.position.step)
         dump_json({"dapt_version": __version__, "stage": task.arch, "config": to_dict(cfg),
                    "deepspeed": ds_cfg, "world_size": info.world_size, "device": str(info.device),
                    "precision": precision, "model": model_path}, out / "run_config.json")
+        if warmup_steps(cfg, total_steps) > total_steps:
+            print(f"warning: warmup of {warmup_steps(cfg, total_steps)} steps exceeds the {total_steps} steps of "
+                  f"this run; the learning rate peaks at the last step", flush=True)
         print(f"[{task.arch}] {task.n_train} train examples, {per_epoch} steps/epoch x {cfg.num_epochs} epochs "
               f"= {total_steps} steps; batch {cfg.micro_batch_size} x {accum} accumulation x {info.world_size} "
               f"rank(s) = {cfg.effective_batch_size}; warmup {warmup} steps; "
-              f"ZeRO-{zero_stage(ds_cfg)} {precision} on {info.device} ({info.backend})", flush=True)
+              f"ZeRO-{zero_stage(ds_cfg)} {precision} on {info.device} ({info.backend})"
+              + (f"; resumed from {resume_from} at step {state.position.step}" if resume_from else ""), flush=True)
 
-    state = TrainState()
+    ckpt_root = out / "checkpoints"
+
+    def write_meta(tag_dir: Path) -> None:
+        save_hf_meta(tag_dir, engine.module.config, tokenizer, task.arch, task.export_settings())
+
+    def save() -> Path:
+        return ckpt.save(engine, ckpt_root, state.position, info.rank, info.is_main, write_meta, cfg.keep_last,
+                         cfg.pin_checkpoints)
+
     started = time.perf_counter()
-    train_loop(cfg, task, engine, info, state, log, accum, per_epoch, total_steps)
+    try:
+        train_loop(cfg, task, engine, info, state, log, accum, per_epoch, total_steps, save, stop)
+    except StopRequested:
+        if info.is_main:
+            print(f"[{task.arch}] stopped by signal {stop.signum} at step {state.position.step}; checkpoint saved; "
+                  f"exit {ckpt.EXIT_REQUEUE} (requeue me)", flush=True)
+        shutdown()
+        sys.exit(ckpt.EXIT_REQUEUE)
     train_seconds = time.perf_counter() - started
 
+    final = ckpt_root / ckpt.tag_for(state.position.step)
+    if not (final / ckpt.STATE_FILE).is_file():  # e.g. num_epochs 0 steps left; normally the epoch-end save
+        final = save()
     # Probe logits from the trained engine (all ranks: ZeRO-3 gathers collectively) for the export check.
     engine.eval()
     probe = task.probe()
     with torch.no_grad():
         before = engine(**to_device(probe, info.device)).logits.float().cpu()
-    tag = f"step{state.step:07d}"
-    ckpt_root = out / "checkpoints"
-    engine.save_checkpoint(str(ckpt_root), tag=tag, client_state={"epoch": state.epoch, "step": state.step})
-    summary: dict[str, Any] = {"stage": task.arch, "steps": state.step, "train_seconds": round(train_seconds, 2),
-                               "world_size": info.world_size, "precision": precision,
-                               "final_eval": state.history[-1] if state.history else {}}
+    summary: dict[str, Any] = {"stage": task.arch, "steps": state.position.step,
+                               "train_seconds": round(train_seconds, 2), "world_size": info.world_size,
+                               "precision": precision, "final_eval": state.history[-1] if state.history else {}}
     if info.is_main:
-        save_hf_meta(ckpt_root / tag, engine.module.config, tokenizer, task.arch, task.export_settings())
-        model_dir, exported = export_checkpoint(str(ckpt_root / tag), out / "model", overwrite=True)
+        model_dir, exported = export_checkpoint(str(final), out / "model", overwrite=True)
         after = logits_of(exported, probe)
         diff = float((after - before).abs().max())
         tolerance = 1e-4 if precision == "fp32" else 0.1 * max(1.0, float(before.abs().max()))
         if not math.isfinite(diff) or diff > tolerance:
             raise RuntimeError(f"exported model disagrees with the trained one: max |logit diff| {diff:.3g} "
                                f"> {tolerance:.3g}")
-        summary.update({"model_dir": str(model_dir), "checkpoint": str(ckpt_root / tag),
-                        "export_max_abs_logit_diff": diff})
+        summary.update({"model_dir": str(model_dir), "checkpoint": str(final), "export_max_abs_logit_diff": diff})
         dump_json(summary, out / "summary.json")
         print(f"[{task.arch}] exported {model_dir} (max |logit diff| vs trained model: {diff:.2e})", flush=True)
     barrier()
@@ -171,19 +253,23 @@ def run_stage(cfg: TrainConfig, build_task: Callable[[TrainConfig, DistInfo, Any
 
 
 def train_loop(cfg: TrainConfig, task: Task, engine: Any, info: DistInfo, state: TrainState, log: MetricsLog,
-               accum: int, per_epoch: int, total_steps: int) -> None:
+               accum: int, per_epoch: int, total_steps: int, save: Callable[[], Path], stop: ckpt.StopFlag) -> None:
+    pos = state.position
     # Loss accumulates on the device; it is read (a host sync) only when logging.
     loss_sum = torch.zeros((), dtype=torch.float32, device=info.device)
     micro_count, token_count = 0, 0
     window_start = time.perf_counter()
     pin = info.device.type != "cpu"
-    for epoch in range(cfg.num_epochs):
-        state.epoch = epoch
+    # The loader's own generator: creating a loader must not draw from the global RNG (dropout), or a
+    # resumed run would diverge from an uninterrupted one.
+    loader_gen = torch.Generator().manual_seed(cfg.seed)
+    while pos.epoch < cfg.num_epochs:
+        epoch = pos.epoch
         engine.train()
         batches = train_batches(task.n_train, epoch, cfg.seed, info.rank, info.world_size, cfg.micro_batch_size,
-                                cfg.effective_batch_size)
+                                cfg.effective_batch_size)[pos.step_in_epoch * accum:]
         loader: Iterator[dict[str, torch.Tensor]] = make_loader(task.train_rows, batches, task.collate(epoch),
-                                                                cfg.num_workers, pin)
+                                                                cfg.num_workers, pin, loader_gen)
         for micro, batch in enumerate(loader):
             token_count += int(batch["attention_mask"].sum())  # real (non-padding) tokens, counted on the host
             loss = engine(**to_device(batch, info.device)).loss
@@ -191,29 +277,51 @@ def train_loop(cfg: TrainConfig, task: Task, engine: Any, info: DistInfo, state:
             engine.step()
             loss_sum += loss.detach().float()
             micro_count += 1
+            ckpt.inject("train", info.rank, pos.step)  # tests: a signal or crash mid-accumulation
             if (micro + 1) % accum:
-                continue
-            state.step += 1
-            progress = epoch + (micro + 1) / (per_epoch * accum)
-            if state.step % cfg.logging_steps == 0 or state.step == total_steps:
+                continue  # a signal mid-accumulation waits for the optimizer step
+            pos.step += 1
+            pos.step_in_epoch += 1
+            progress = epoch + pos.step_in_epoch / per_epoch
+            if pos.step % cfg.logging_steps == 0 or pos.step == total_steps:
                 window = torch.tensor([float(loss_sum), micro_count, token_count], dtype=torch.float64)
                 totals = all_reduce_sum(window, info)
                 elapsed = time.perf_counter() - window_start
-                record = {"step": state.step, "epoch": round(progress, 4), "loss": float(totals[0] / totals[1]),
+                record = {"step": pos.step, "epoch": round(progress, 4), "loss": float(totals[0] / totals[1]),
                           "lr": engine.get_lr()[0], "tokens_per_s": float(totals[2]) / elapsed,
                           "skipped_steps": int(engine.skipped_steps)}
                 if engine.fp16_enabled():  # dynamic loss scale: a collapse to 1 means training stalled
                     record["loss_scale"] = float(engine.optimizer.cur_scale)
-                log.write(record, f"step {state.step}/{total_steps} epoch {progress:.2f} "
+                log.write(record, f"step {pos.step}/{total_steps} epoch {progress:.2f} "
                                   f"loss {record['loss']:.4f} lr {record['lr']:.3e} "
                                   f"tok/s {record['tokens_per_s']:.0f}"
                                   + (f" loss_scale {record['loss_scale']:g}" if "loss_scale" in record else ""))
                 loss_sum.zero_()
                 micro_count, token_count = 0, 0
                 window_start = time.perf_counter()
-            if cfg.eval_steps and state.step % cfg.eval_steps == 0 and state.step % per_epoch:
+            if pos.step_in_epoch == per_epoch:
+                break  # the epoch-end evaluation and checkpoint follow
+            if cfg.eval_steps and pos.step % cfg.eval_steps == 0:
                 run_eval(task, engine, info, state, log, progress)
+            # All ranks agree on a stop request (any rank signalled) so that all save the same step.
+            if stop_agreed(stop, info):
+                save()
+                raise StopRequested
+            if cfg.save_steps and pos.step % cfg.save_steps == 0:
+                save()
         run_eval(task, engine, info, state, log, float(epoch + 1))
+        pos.epoch, pos.step_in_epoch = epoch + 1, 0
+        save()
+        if stop_agreed(stop, info) and pos.epoch < cfg.num_epochs:
+            raise StopRequested
+
+
+def stop_agreed(stop: ckpt.StopFlag, info: DistInfo) -> bool:
+    """True on every rank if any rank was signalled; `stop.signum` becomes the (largest) signal number."""
+    agreed = int(all_reduce_max(torch.tensor([float(stop.signum or 0)]), info)[0])
+    if agreed:
+        stop.signum = agreed
+    return bool(agreed)
 
 
 def run_eval(task: Task, engine: Any, info: DistInfo, state: TrainState, log: MetricsLog, epoch: float) -> None:
@@ -223,8 +331,8 @@ def run_eval(task: Task, engine: Any, info: DistInfo, state: TrainState, log: Me
     engine.train()
     if not metrics:
         return
-    record = {"step": state.step, "epoch": round(epoch, 4), **{f"eval_{k}": v for k, v in metrics.items()},
-              "eval_seconds": round(time.perf_counter() - start, 3)}
+    record = {"step": state.position.step, "epoch": round(epoch, 4),
+              **{f"eval_{k}": v for k, v in metrics.items()}, "eval_seconds": round(time.perf_counter() - start, 3)}
     state.history.append(record)
-    log.write(record, f"eval @ step {state.step}: " + " ".join(
+    log.write(record, f"eval @ step {state.position.step}: " + " ".join(
         f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
