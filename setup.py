@@ -23,11 +23,15 @@ setup(
         "safetensors",
         "numpy",
         "pyyaml",
+        "tqdm",  # the progress bar in a terminal
+        "matplotlib",  # dapt report
     ],
     extras_require={
         "test": ["pytest>=7", "scikit-learn"],
         "mpi": ["mpi4py"],
         "wandb": ["wandb"],
+        "demo": ["gradio"],  # dapt demo: the Gradio page
+        "bench": ["accelerate", "pandas"],  # the HF Trainer reference side of benchmarks/
     },
     entry_points={"console_scripts": ["dapt=dapt.cli:main"]},
 )

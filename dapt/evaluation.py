@@ -85,18 +85,35 @@ def trained_settings(model_dir: str) -> dict[str, Any]:
     return json.loads(path.read_text()).get("dapt", {}) or {}
 
 
+def resolve_eval_settings(cfg: EvalConfig, model_dir: str) -> None:
+    """Unset length/truncation: as the model was trained, else the package defaults."""
+    trained = trained_settings(model_dir)
+    cfg.max_seq_length = cfg.max_seq_length or trained.get("max_seq_length", 512)
+    cfg.truncation = cfg.truncation or trained.get("truncation", "head+tail")
+    cfg.head_tokens = cfg.head_tokens or trained.get("head_tokens", 128)
+    validate(cfg)
+
+
+def build_eval_data(cfg: EvalConfig, info: DistInfo, tokenizer: Any) -> Any:
+    """The tokenised evaluation set: read from a prepared directory (manifest checked), or loaded and
+    tokenised here (rank 0 first, the others reuse its cache)."""
+    from dapt.manifest import load_prepared, stage_settings
+
+    if cfg.prepared_dir:
+        return load_prepared(cfg.prepared_dir, stage_settings(cfg, "evaluate", tokenizer))["test"]
+    with main_process_first(info):
+        table = load_table(cfg, seed=0, label_column=cfg.label_column)
+        return tokenize_for_classification(table, tokenizer, cfg.max_seq_length, cfg.truncation, cfg.head_tokens,
+                                           cfg.num_proc)
+
+
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     from dapt.models import load_classifier, load_tokenizer
 
     cfg = parse_config(EvalConfig, "evaluate", argv)
     model_dir = resolve_model(cfg.model_name_or_path)
-    trained = trained_settings(model_dir)
-    # Unset length/truncation: as the model was trained, else the package defaults.
-    cfg.max_seq_length = cfg.max_seq_length or trained.get("max_seq_length", 512)
-    cfg.truncation = cfg.truncation or trained.get("truncation", "head+tail")
-    cfg.head_tokens = cfg.head_tokens or trained.get("head_tokens", 128)
-    validate(cfg)
+    resolve_eval_settings(cfg, model_dir)
     out = Path(cfg.output_dir)
     results_path = out / "eval_results.json"
     if results_path.exists() and not cfg.overwrite_output_dir:
@@ -105,9 +122,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
 
     info = setup_distributed()
     tokenizer = load_tokenizer(model_dir)
-    with main_process_first(info):
-        table = load_table(cfg, seed=0, label_column=cfg.label_column)
-        data = tokenize_for_classification(table, tokenizer, cfg.max_seq_length, cfg.truncation, cfg.head_tokens)
+    data = build_eval_data(cfg, info, tokenizer)
     model = load_classifier(model_dir).to(info.device).eval()
 
     def forward(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -121,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         raise RuntimeError(f"evaluated {results['n_examples']} examples, data has {len(data)}")
     results.update({
         "model": model_dir,
-        "data": cfg.data_files or f"{cfg.dataset_name}:{cfg.dataset_split}",
+        "data": cfg.prepared_dir or cfg.data_files or f"{cfg.dataset_name}:{cfg.dataset_split}",
         "max_seq_length": cfg.max_seq_length,
         "truncation": cfg.truncation,
         "head_tokens": cfg.head_tokens,
@@ -137,5 +152,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         print(format_table(results), flush=True)
         print(f"eval: {results['n_examples']} examples in {seconds:.1f}s on {info.world_size} rank(s); "
               f"results: {results_path}", flush=True)
+        from dapt.model_card import update_with_eval
+        from dapt.tracking import log_evaluation
+
+        card = update_with_eval(model_dir, results)  # the model card quotes these measured numbers
+        if card is not None:
+            print(f"model card updated: {card}", flush=True)
+        log_evaluation(cfg, out, results)  # W&B (if on), in the pipeline's group
     shutdown()
     return results

@@ -142,8 +142,15 @@ def write_model_folder(model: torch.nn.Module, tokenizer: Any, out_dir: Path, ov
 
 def export_checkpoint(checkpoint: str, out_dir: Path, overwrite: bool) -> tuple[Path, torch.nn.Module]:
     tag_dir = locate_checkpoint(checkpoint)
-    model, tokenizer, _ = load_exportable(tag_dir)
-    return write_model_folder(model, tokenizer, out_dir, overwrite), model
+    model, tokenizer, meta = load_exportable(tag_dir)
+    out = write_model_folder(model, tokenizer, out_dir, overwrite)
+    try:  # the model card (README.md): recipe, data, engine, held-out metrics, from the run's own files
+        from dapt.model_card import collect, write_card
+
+        write_card(out, collect(tag_dir, meta, model))
+    except Exception as exc:  # noqa: BLE001 - a card problem must not lose a finished export
+        print(f"warning: model card not written ({type(exc).__name__}: {exc})", flush=True)
+    return out, model
 
 
 @torch.no_grad()

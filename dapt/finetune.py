@@ -11,6 +11,7 @@ from dapt.data import (IndexedRows, PadCollator, load_table, split_validation, t
 from dapt.distributed import DistInfo, main_process_first
 from dapt.errors import cli_entry
 from dapt.evaluation import score_classifier
+from dapt.manifest import load_prepared, stage_settings
 from dapt.models import load_classifier
 from dapt.training import run_stage
 
@@ -26,6 +27,8 @@ class ClassificationTask:
     def __post_init__(self) -> None:
         self.train_rows = IndexedRows(self.train_data, ["input_ids", "label"])
         self.n_train = len(self.train_data)
+        self.lengths = self.train_data["length"] if self.cfg.length_bucketing else None
+        self.global_loss_norm = False  # every micro-batch has the same number of examples
 
     def collate(self, epoch: int) -> PadCollator:
         return PadCollator(self.tokenizer.pad_token_id)
@@ -47,11 +50,14 @@ class ClassificationTask:
 
 
 def build_task(cfg: FinetuneConfig, info: DistInfo, tokenizer: Any) -> ClassificationTask:
+    if cfg.prepared_dir:  # tokenised by launch/prepare.py with the same settings (checked)
+        data = load_prepared(cfg.prepared_dir, stage_settings(cfg, "finetune", tokenizer))
+        return ClassificationTask(cfg, tokenizer, data["train"], data.get("validation"))
     with main_process_first(info):
         table = load_table(cfg, cfg.seed, label_column=cfg.label_column)
         train, val = split_validation(table, cfg.validation_split, cfg.seed)
         encode = lambda ds: tokenize_for_classification(ds, tokenizer, cfg.max_seq_length, cfg.truncation,  # noqa: E731
-                                                        cfg.head_tokens)
+                                                        cfg.head_tokens, cfg.num_proc)
         train_data = encode(train)
         val_data = encode(val) if val is not None else None
     return ClassificationTask(cfg, tokenizer, train_data, val_data)
@@ -60,4 +66,4 @@ def build_task(cfg: FinetuneConfig, info: DistInfo, tokenizer: Any) -> Classific
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     cfg = parse_config(FinetuneConfig, "finetune", argv)
-    return run_stage(cfg, build_task, load_classifier)
+    return run_stage(cfg, build_task, lambda path: load_classifier(path, cfg.attn_implementation))

@@ -8,12 +8,43 @@ from typing import Any, Sequence
 import torch
 
 from dapt.config import MLMConfig, parse_config
-from dapt.data import (IndexedRows, MLMCollator, load_table, pack_blocks, split_validation, tokenize_for_mlm)
+from dapt.data import IndexedRows, MLMCollator, load_table, mlm_examples, split_validation
 from dapt.distributed import DistInfo, all_reduce_sum, main_process_first
 from dapt.errors import DaptError, cli_entry
 from dapt.evaluation import sharded_batches, to_device
+from dapt.manifest import load_prepared, stage_settings
 from dapt.models import load_mlm_model
 from dapt.training import run_stage
+
+
+@dataclass
+class SparseMLMOutput:
+    loss: torch.Tensor  # mean over this batch's masked tokens
+    loss_sum: torch.Tensor  # sum over them (for a loss normalised by the global count)
+    logits: torch.Tensor  # [masked tokens, vocabulary]
+
+
+def use_sparse_head(model: torch.nn.Module) -> torch.nn.Module:
+    """Training forward that runs the vocabulary projection only at masked positions (~15% of
+    tokens): the 30,522-word decoder is the most expensive layer of a small BERT. Without labels
+    (export checks, inference) the model's own dense forward runs. State-dict keys are unchanged."""
+    dense_forward = model.forward
+    if not (hasattr(model, "cls") and hasattr(model, "bert")):
+        return model  # not a BERT-layout MLM: keep the dense head
+
+    def forward(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        if labels is None:
+            return dense_forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        # Packed batches come without a mask (no padding): SDPA can pick its fastest (flash) kernel.
+        hidden = model.bert(input_ids=input_ids, attention_mask=attention_mask, **kwargs)[0]
+        chosen = labels != -100
+        logits = model.cls(hidden[chosen])
+        loss_sum = torch.nn.functional.cross_entropy(logits.float(), labels[chosen], reduction="sum")
+        return SparseMLMOutput(loss=loss_sum / chosen.sum().clamp(min=1), loss_sum=loss_sum, logits=logits)
+
+    model.forward = forward
+    return model
 
 
 @dataclass
@@ -27,12 +58,18 @@ class MLMTask:
     def __post_init__(self) -> None:
         self.train_rows = IndexedRows(self.train_blocks, ["input_ids"])
         self.n_train = len(self.train_blocks)
+        self.lengths = None  # packed blocks are all full: nothing to bucket
+        self.global_loss_norm = self.cfg.global_loss_norm
+
+    @staticmethod
+    def n_targets(batch: dict[str, torch.Tensor]) -> int:
+        return int((batch["labels"] != -100).sum())  # on the host, before the batch moves
 
     def collate(self, epoch: int) -> MLMCollator:
         tok = self.tokenizer
         return MLMCollator(special_ids=tuple(tok.all_special_ids), mask_id=tok.mask_token_id,
                            vocab_size=len(tok), probability=self.cfg.mlm_probability, seed=self.cfg.seed,
-                           epoch=epoch)
+                           epoch=epoch, pad_id=tok.pad_token_id)
 
     @torch.no_grad()
     def evaluate(self, engine: Any, info: DistInfo) -> dict[str, float]:
@@ -61,11 +98,16 @@ class MLMTask:
 
 
 def build_task(cfg: MLMConfig, info: DistInfo, tokenizer: Any) -> MLMTask:
+    if cfg.prepared_dir:  # blocks made by launch/prepare.py with the same settings (checked)
+        data = load_prepared(cfg.prepared_dir, stage_settings(cfg, "mlm", tokenizer))
+        train_blocks, val_blocks = data["train"], data.get("validation")
+        return MLMTask(cfg, tokenizer, train_blocks, val_blocks)
     with main_process_first(info):  # rank 0 loads and tokenises; the others hit its datasets cache
         table = load_table(cfg, cfg.seed)
         train_text, val_text = split_validation(table, cfg.validation_split, cfg.seed)
-        train_blocks = pack_blocks(tokenize_for_mlm(train_text, tokenizer), cfg.max_seq_length)
-        val_blocks = pack_blocks(tokenize_for_mlm(val_text, tokenizer), cfg.max_seq_length) if val_text else None
+        train_blocks = mlm_examples(train_text, tokenizer, cfg.max_seq_length, cfg.packing, cfg.num_proc)
+        val_blocks = (mlm_examples(val_text, tokenizer, cfg.max_seq_length, cfg.packing, cfg.num_proc)
+                      if val_text else None)
     if len(train_blocks) == 0:
         raise DaptError(f"the training text does not fill one block of {cfg.max_seq_length} tokens")
     if val_blocks is not None and len(val_blocks) == 0:
@@ -76,4 +118,9 @@ def build_task(cfg: MLMConfig, info: DistInfo, tokenizer: Any) -> MLMTask:
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     cfg = parse_config(MLMConfig, "mlm", argv)
-    return run_stage(cfg, build_task, load_mlm_model)
+
+    def load(path: str) -> torch.nn.Module:
+        model = load_mlm_model(path, cfg.attn_implementation)
+        return use_sparse_head(model) if cfg.sparse_mlm_head else model
+
+    return run_stage(cfg, build_task, load)

@@ -66,15 +66,15 @@ def load_tokenizer(name: str) -> Any:
     return tok
 
 
-def load_mlm_model(name: str) -> Any:
+def load_mlm_model(name: str, attn_implementation: str = "sdpa") -> Any:
     from transformers import AutoModelForMaskedLM
 
-    return _load("model", name, AutoModelForMaskedLM.from_pretrained)
+    return _load("model", name, AutoModelForMaskedLM.from_pretrained, attn_implementation=attn_implementation)
 
 
-def load_classifier(name: str) -> Any:
+def load_classifier(name: str, attn_implementation: str = "sdpa") -> Any:
     from transformers import AutoModelForSequenceClassification
 
     return _load("model", name, AutoModelForSequenceClassification.from_pretrained,
                  num_labels=len(ID2LABEL), id2label=dict(ID2LABEL),
-                 label2id={v: k for k, v in ID2LABEL.items()})
+                 label2id={v: k for k, v in ID2LABEL.items()}, attn_implementation=attn_implementation)

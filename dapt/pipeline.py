@@ -87,6 +87,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                 "evaluate": ["--data_files", str(files["test"])]}
     ranks = args.num_gpus or default_ranks()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # One W&B group for the three jobs (when W&B is on; dapt/tracking.py), unless the caller set one.
+    os.environ.setdefault("DAPT_WANDB_GROUP", f"{out.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     start = time.perf_counter()
     run_stage("mlm.py", ranks, [*common, *data["mlm"], "--output_dir", str(out / "mlm"), *overwrite])
     run_stage("finetune.py", ranks, [*common, *data["finetune"], "--model_name_or_path", str(out / "mlm"),
@@ -102,4 +104,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"{p['label']:>8} {p['score']:.3f}  {p['text']}")
     print(f"\npipeline finished in {time.perf_counter() - start:.0f}s on {ranks} rank(s)")
     print(f"eval results:    {out / 'eval_results.json'}")
-    print(f"exported models: {out / 'mlm' / 'model'} (MLM), {model_dir} (classifier)")
+    print(f"exported models: {out / 'mlm' / 'model'} (MLM), {model_dir} (classifier; model card: README.md)")
+    from dapt.report import make_report
+
+    print(f"report:          {make_report(out)['markdown']} (plots beside it)")

@@ -13,7 +13,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 
@@ -26,11 +26,12 @@ from dapt.errors import DaptError
 from dapt.evaluation import to_device
 from dapt.export import export_checkpoint, logits_of, save_hf_meta
 from dapt.models import load_tokenizer, resolve_model
+from dapt.tracking import fresh_start, grad_norm_of, start_tracking
 from dapt.version import __version__
 
 # What a dapt run directory holds; a directory with only these (and no complete checkpoint) is a run
 # that died before its first checkpoint and may be started again.
-RUN_FILES = {"run_config.json", "metrics.jsonl", "checkpoints"}
+RUN_FILES = {"run_config.json", "metrics.jsonl", "checkpoints", "wandb_run_id", "wandb"}
 
 
 class Task(Protocol):
@@ -60,10 +61,12 @@ class StopRequested(Exception):
 
 
 class MetricsLog:
-    """Rank 0 writes one JSON object per line to <output_dir>/metrics.jsonl and a line to stdout."""
+    """Rank 0 writes one JSON object per line to <output_dir>/metrics.jsonl and a line to stdout; the
+    same record goes to W&B and the progress bar through `tracker` (dapt.tracking.Tracker)."""
 
-    def __init__(self, path: Path | None):
+    def __init__(self, path: Path | None, tracker: Any = None):
         self.path = path
+        self.tracker = tracker
 
     def truncate_after(self, step: int) -> None:
         """On resume, drop records of steps the interrupted run took after its last checkpoint."""
@@ -77,7 +80,19 @@ class MetricsLog:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        print(line, flush=True)
+        if self.tracker is not None:
+            self.tracker.log(record, line)
+        else:
+            print(line, flush=True)
+
+    def advance(self, step: int) -> None:
+        if self.tracker is not None:
+            self.tracker.advance(step)
+
+    def finish(self, summary: dict[str, Any] | None = None, preempted: bool = False) -> None:
+        if self.tracker is not None:
+            self.tracker.finish(summary, preempted)
+            self.tracker = None
 
 
 def guard_output_dir(out: Path, overwrite: bool) -> None:
@@ -204,6 +219,11 @@ def run_stage(cfg: TrainConfig, build_task: Callable[[TrainConfig, DistInfo, Any
               f"rank(s) = {cfg.effective_batch_size}; warmup {warmup} steps; "
               f"ZeRO-{zero_stage(ds_cfg)} {precision} on {info.device} ({info.backend})"
               + (f"; resumed from {resume_from} at step {state.position.step}" if resume_from else ""), flush=True)
+        if resume_from is None:
+            fresh_start(out)  # a new run gets a new W&B run; a resumed one continues its own
+        log.tracker = start_tracking(cfg, out, task.export_settings().get("stage", task.arch),
+                                     json.loads((out / "run_config.json").read_text()), resume_from is not None,
+                                     total_steps, state.position.step)
 
     ckpt_root = out / "checkpoints"
 
@@ -221,6 +241,7 @@ def run_stage(cfg: TrainConfig, build_task: Callable[[TrainConfig, DistInfo, Any
         if info.is_main:
             print(f"[{task.arch}] stopped by signal {stop.signum} at step {state.position.step}; checkpoint saved; "
                   f"exit {ckpt.EXIT_REQUEUE} (requeue me)", flush=True)
+        log.finish(preempted=True)
         shutdown()
         sys.exit(ckpt.EXIT_REQUEUE)
     train_seconds = time.perf_counter() - started
@@ -230,7 +251,7 @@ def run_stage(cfg: TrainConfig, build_task: Callable[[TrainConfig, DistInfo, Any
         final = save()
     # Probe logits from the trained engine (all ranks: ZeRO-3 gathers collectively) for the export check.
     engine.eval()
-    probe = task.probe()
+    probe = {k: v for k, v in task.probe().items() if k != "labels"}  # the dense forward: full logits
     with torch.no_grad():
         before = engine(**to_device(probe, info.device)).logits.float().cpu()
     summary: dict[str, Any] = {"stage": task.arch, "steps": state.position.step,
@@ -247,9 +268,16 @@ def run_stage(cfg: TrainConfig, build_task: Callable[[TrainConfig, DistInfo, Any
         summary.update({"model_dir": str(model_dir), "checkpoint": str(final), "export_max_abs_logit_diff": diff})
         dump_json(summary, out / "summary.json")
         print(f"[{task.arch}] exported {model_dir} (max |logit diff| vs trained model: {diff:.2e})", flush=True)
+        log.finish(summary)
     barrier()
     shutdown()
     return summary
+
+
+def real_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Non-padding tokens of a host-side batch (packed MLM batches carry no mask: all are real)."""
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
 
 
 def train_loop(cfg: TrainConfig, task: Task, engine: Any, info: DistInfo, state: TrainState, log: MetricsLog,
@@ -257,9 +285,11 @@ def train_loop(cfg: TrainConfig, task: Task, engine: Any, info: DistInfo, state:
     pos = state.position
     # Loss accumulates on the device; it is read (a host sync) only when logging.
     loss_sum = torch.zeros((), dtype=torch.float32, device=info.device)
-    micro_count, token_count = 0, 0
+    loss_count, token_count, sample_count = 0, 0, 0
     window_start = time.perf_counter()
+    window_steps = 0
     pin = info.device.type != "cpu"
+    flops_per_token, peak = model_flops_per_token(engine.module, cfg.max_seq_length), peak_flops(cfg)
     # The loader's own generator: creating a loader must not draw from the global RNG (dropout), or a
     # resumed run would diverge from an uninterrupted one.
     loader_gen = torch.Generator().manual_seed(cfg.seed)
@@ -267,37 +297,59 @@ def train_loop(cfg: TrainConfig, task: Task, engine: Any, info: DistInfo, state:
         epoch = pos.epoch
         engine.train()
         batches = train_batches(task.n_train, epoch, cfg.seed, info.rank, info.world_size, cfg.micro_batch_size,
-                                cfg.effective_batch_size)[pos.step_in_epoch * accum:]
-        loader: Iterator[dict[str, torch.Tensor]] = make_loader(task.train_rows, batches, task.collate(epoch),
-                                                                cfg.num_workers, pin, loader_gen)
-        for micro, batch in enumerate(loader):
-            token_count += int(batch["attention_mask"].sum())  # real (non-padding) tokens, counted on the host
-            loss = engine(**to_device(batch, info.device)).loss
-            engine.backward(loss)
-            engine.step()
-            loss_sum += loss.detach().float()
-            micro_count += 1
-            ckpt.inject("train", info.rank, pos.step)  # tests: a signal or crash mid-accumulation
-            if (micro + 1) % accum:
-                continue  # a signal mid-accumulation waits for the optimizer step
+                                cfg.effective_batch_size, getattr(task, "lengths", None))[pos.step_in_epoch * accum:]
+        loader = make_loader(task.train_rows, batches, task.collate(epoch), cfg.num_workers, pin, loader_gen)
+        while pos.step_in_epoch < per_epoch:
+            step_batches = [next(loader) for _ in range(accum)]  # one optimizer step's micro-batches
+            norm = None
+            if getattr(task, "global_loss_norm", False):
+                # All-reduced count of loss targets in this step: every masked token weighs the same,
+                # whichever rank or micro-batch it is in (DeepSpeed averages over ranks and micro-steps).
+                local = sum(task.n_targets(b) for b in step_batches)
+                total = float(all_reduce_sum(torch.tensor([float(local)]), info)[0])
+                norm = max(total, 1.0) / (info.world_size * accum)
+            for batch in step_batches:
+                token_count += real_tokens(batch)  # counted on the host: no device sync
+                sample_count += batch["input_ids"].shape[0]
+                out = engine(**to_device(batch, info.device))
+                loss = out.loss_sum / norm if norm is not None else out.loss
+                engine.backward(loss)
+                engine.step()
+                if norm is not None:
+                    loss_sum += out.loss_sum.detach().float()
+                    loss_count += task.n_targets(batch)
+                else:
+                    loss_sum += out.loss.detach().float()
+                    loss_count += 1
+                ckpt.inject("train", info.rank, pos.step)  # tests: a signal or crash mid-accumulation
+            # A signal that arrived mid-accumulation took effect only now, at the optimizer step.
             pos.step += 1
             pos.step_in_epoch += 1
+            window_steps += 1
+            log.advance(pos.step)
             progress = epoch + pos.step_in_epoch / per_epoch
             if pos.step % cfg.logging_steps == 0 or pos.step == total_steps:
-                window = torch.tensor([float(loss_sum), micro_count, token_count], dtype=torch.float64)
+                window = torch.tensor([float(loss_sum), loss_count, token_count, sample_count], dtype=torch.float64)
                 totals = all_reduce_sum(window, info)
                 elapsed = time.perf_counter() - window_start
                 record = {"step": pos.step, "epoch": round(progress, 4), "loss": float(totals[0] / totals[1]),
                           "lr": engine.get_lr()[0], "tokens_per_s": float(totals[2]) / elapsed,
-                          "skipped_steps": int(engine.skipped_steps)}
+                          "samples_per_s": float(totals[3]) / elapsed,
+                          "step_time_s": elapsed / max(1, window_steps), "skipped_steps": int(engine.skipped_steps)}
+                if peak:
+                    record["mfu"] = record["tokens_per_s"] * flops_per_token / (peak * info.world_size)
                 if engine.fp16_enabled():  # dynamic loss scale: a collapse to 1 means training stalled
                     record["loss_scale"] = float(engine.optimizer.cur_scale)
+                grad_norm = grad_norm_of(engine)  # the last step's global norm, before clipping
+                if grad_norm is not None:
+                    record["grad_norm"] = grad_norm
                 log.write(record, f"step {pos.step}/{total_steps} epoch {progress:.2f} "
                                   f"loss {record['loss']:.4f} lr {record['lr']:.3e} "
                                   f"tok/s {record['tokens_per_s']:.0f}"
+                                  + (f" mfu {record['mfu']:.1%}" if "mfu" in record else "")
                                   + (f" loss_scale {record['loss_scale']:g}" if "loss_scale" in record else ""))
                 loss_sum.zero_()
-                micro_count, token_count = 0, 0
+                loss_count, token_count, sample_count, window_steps = 0, 0, 0, 0
                 window_start = time.perf_counter()
             if pos.step_in_epoch == per_epoch:
                 break  # the epoch-end evaluation and checkpoint follow
@@ -314,6 +366,37 @@ def train_loop(cfg: TrainConfig, task: Task, engine: Any, info: DistInfo, state:
         save()
         if stop_agreed(stop, info) and pos.epoch < cfg.num_epochs:
             raise StopRequested
+
+
+# Dense FP16/BF16 peak TFLOP/s per GPU (tensor cores), for MFU; override with --peak_tflops.
+PEAK_TFLOPS = {"H200": 989.0, "H100 80GB HBM3": 989.0, "H100 SXM": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 756.0,
+               "A100": 312.0, "A10G": 125.0, "A10": 125.0, "L40S": 362.0, "L40": 181.0, "L4": 121.0,
+               "V100": 125.0, "RTX 4090": 165.0, "RTX A6000": 155.0, "T4": 65.0}
+
+
+def peak_flops(cfg: TrainConfig) -> float:
+    """Peak FLOP/s of one device: the config's, else the table's for a known GPU, else 0 (no MFU)."""
+    if cfg.peak_tflops:
+        return cfg.peak_tflops * 1e12
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    if acc.device_name() != "cuda":
+        return 0.0
+    name = torch.cuda.get_device_name()
+    for key, tflops in PEAK_TFLOPS.items():  # most specific names first
+        if key in name:
+            return tflops * 1e12
+    return 0.0
+
+
+def model_flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
+    """6N + 12*L*H*Q*T (N non-embedding parameters; nanoGPT / PaLM appendix B)."""
+    cfg = model.config
+    n = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for name, p in model.named_parameters()
+            if "embeddings" not in name and "decoder" not in name)
+    layers, heads = cfg.num_hidden_layers, cfg.num_attention_heads
+    return 6 * n + 12 * layers * heads * (cfg.hidden_size // heads) * seq_len
 
 
 def stop_agreed(stop: ckpt.StopFlag, info: DistInfo) -> bool:

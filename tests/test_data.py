@@ -64,7 +64,7 @@ def test_packing_gives_full_blocks_without_padding(tokenizer, imdb_sample):
     assert [t for b in blocks["input_ids"] for t in b] == stream[: len(blocks) * 128]  # order kept
     collate = MLMCollator(tuple(tokenizer.all_special_ids), tokenizer.mask_token_id, len(tokenizer), 0.15, 0, 0)
     batch = collate({"input_ids": blocks[:8]["input_ids"], "_index": list(range(8))})
-    assert batch["attention_mask"].all() and batch["input_ids"].shape == (8, 128)
+    assert "attention_mask" not in batch and batch["input_ids"].shape == (8, 128)  # nothing to mask out
 
 
 def test_masking_rates_and_specials():
@@ -144,3 +144,31 @@ def test_load_table_validation_errors(tmp_path):
     cfg.data_files = [_jsonl(tmp_path / "d.jsonl", [{"text": "good", "label": 0}, {"text": "bad", "label": 1}])]
     ds = load_table(cfg, 0, label_column="label")
     assert ds.column_names == ["text", "label"] and collections.Counter(ds["label"]) == {0: 1, 1: 1}
+
+
+def test_length_bucketing_keeps_batches_random_and_world_size_independent():
+    import random
+
+    rng = random.Random(0)
+    n, micro, eff = 1000, 4, 32
+    lengths = [rng.randint(10, 512) for _ in range(n)]
+    steps = {}
+    for world in (1, 2, 4):
+        per_rank = [train_batches(n, 3, 7, r, world, micro, eff, lengths) for r in range(world)]
+        flat = [i for b in per_rank for batch in b for i in batch]
+        assert len(flat) == len(set(flat)) == (n // eff) * eff
+        accum = eff // (micro * world)
+        # the examples of optimizer step s, gathered over ranks and micro-batches
+        steps[world] = [sorted(i for r in range(world) for b in per_rank[r][s * accum:(s + 1) * accum] for i in b)
+                        for s in range(n // eff)]
+    assert steps[1] == steps[2] == steps[4]
+
+    def padding(batches):
+        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+
+    bucketed = train_batches(n, 3, 7, 0, 1, micro, eff, lengths)
+    plain = train_batches(n, 3, 7, 0, 1, micro, eff)
+    assert padding(bucketed) < 0.2 * padding(plain)
+    # the order of batches is still random: lengths of consecutive steps are not sorted
+    firsts = [lengths[b[0]] for b in bucketed[:: eff // micro]]
+    assert firsts != sorted(firsts) and firsts != sorted(firsts, reverse=True)

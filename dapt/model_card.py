@@ -1,0 +1,294 @@
+"""The model card (README.md) of an exported model folder.
+
+Export writes `dapt_training.json` (what the card is made from: the recipe, data, engine settings and
+held-out metrics, all read from the run's own files) and renders README.md from it. The evaluation
+job copies its `eval_results.json` into the folder and renders the card again, so every number in the
+card comes from a file the run wrote, never from a hand-typed value.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from dapt.version import __version__
+
+CARD_DATA = "dapt_training.json"
+EVAL_FILE = "eval_results.json"
+HUB_DATASET_TYPES = {"stanfordnlp/imdb": "imdb", "imdb": "imdb"}
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _data_description(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    if cfg.get("prepared_dir"):
+        source = _read_json(Path(cfg["prepared_dir"]) / "manifest.json").get("source", {})
+        return {"kind": "prepared", "name": Path(cfg["prepared_dir"]).name,
+                "inputs": [Path(str(i.get("path", i))).name if isinstance(i, dict) else Path(str(i)).name
+                           for i in source.get("inputs", [])] if isinstance(source, dict) else []}
+    if cfg.get("data_files"):
+        return {"kind": "files", "inputs": [Path(f).name for f in cfg["data_files"]],
+                "split": cfg.get("dataset_split")}
+    return {"kind": "hub", "name": cfg.get("dataset_name"), "split": cfg.get("dataset_split")}
+
+
+def _last_validation(run_dir: Path, step: int) -> dict[str, Any]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return {}
+    evals = [r for r in (json.loads(ln) for ln in path.read_text().splitlines() if ln.strip())
+             if any(k.startswith("eval_") for k in r) and r.get("step", 0) <= step]
+    return evals[-1] if evals else {}
+
+
+def collect(tag_dir: Path, meta: Mapping[str, Any], model: Any) -> dict[str, Any]:
+    """What the card says, from the checkpoint and its run directory (run_config.json, metrics.jsonl)."""
+    run_dir = tag_dir.parent.parent
+    run = _read_json(run_dir / "run_config.json")
+    cfg = run.get("config", {})
+    position = _read_json(tag_dir / "dapt_state.json").get("position", {})
+    ds = run.get("deepspeed", {})
+    base = cfg.get("model_name_or_path") or run.get("model")
+    lineage = None
+    if base:
+        for cand in (Path(str(base)), Path(str(base)) / "model", Path(str(run.get("model", ""))) if run.get("model") else None):
+            if cand is not None and (cand / CARD_DATA).is_file():
+                parent = _read_json(cand / CARD_DATA)
+                lineage = {k: parent.get(k) for k in ("arch", "base_model", "data", "steps", "recipe", "validation")}
+                break
+    mc = model.config
+    recipe_keys = ("learning_rate", "num_epochs", "effective_batch_size", "micro_batch_size", "warmup",
+                   "weight_decay", "max_grad_norm", "adam_beta1", "adam_beta2", "adam_epsilon", "max_seq_length",
+                   "truncation", "head_tokens", "mlm_probability", "validation_split", "max_samples", "seed")
+    return {
+        "arch": meta.get("arch"),
+        "settings": dict(meta.get("dapt", {})),
+        "dapt_version": run.get("dapt_version", __version__),
+        "exported": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d"),
+        "checkpoint": tag_dir.name,
+        "steps": position.get("step"),
+        "epochs_completed": position.get("epoch"),
+        "base_model": base,
+        "lineage": lineage,
+        "data": _data_description(cfg) if cfg else {},
+        "recipe": {k: cfg[k] for k in recipe_keys if k in cfg},
+        "engine": {"zero_stage": ds.get("zero_optimization", {}).get("stage"), "precision": run.get("precision"),
+                   "world_size": run.get("world_size"), "device": run.get("device"),
+                   "gradient_accumulation_steps": ds.get("gradient_accumulation_steps"),
+                   "warmup_steps": ds.get("scheduler", {}).get("params", {}).get("warmup_num_steps")},
+        "model": {"type": getattr(mc, "model_type", None), "layers": getattr(mc, "num_hidden_layers", None),
+                  "hidden_size": getattr(mc, "hidden_size", None),
+                  "max_position_embeddings": getattr(mc, "max_position_embeddings", None),
+                  "parameters": int(sum(p.numel() for p in model.parameters())),
+                  "labels": {str(k): v for k, v in (getattr(mc, "id2label", None) or {}).items()}},
+        "validation": _last_validation(run_dir, position.get("step", 10**12)) if run else {},
+    }
+
+
+def write_card(model_dir: Path, data: Mapping[str, Any]) -> Path:
+    """Store the card data beside the weights and render README.md (with any eval_results.json there)."""
+    model_dir = Path(model_dir)
+    (model_dir / CARD_DATA).write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    return render_to(model_dir)
+
+
+def render_to(model_dir: Path) -> Path:
+    data = _read_json(model_dir / CARD_DATA)
+    results = _read_json(model_dir / EVAL_FILE) or None
+    path = model_dir / "README.md"
+    resolved = model_dir.resolve()
+    # a stage's export is `<run>/<stage>/model`: name it after the run and stage, not "model"
+    name = f"{resolved.parent.parent.name}-{resolved.parent.name}" if resolved.name == "model" else resolved.name
+    _atomic_write(path, render(data, results, name))
+    return path
+
+
+def update_with_eval(model_dir: str | Path, results: Mapping[str, Any]) -> Path | None:
+    """The evaluation job: copy the measured results into a dapt model folder and re-render its card.
+    Folders that dapt did not export (no dapt_training.json) are left alone."""
+    model_dir = Path(model_dir)
+    if not (model_dir / CARD_DATA).is_file():
+        return None
+    try:
+        _atomic_write(model_dir / EVAL_FILE, json.dumps(dict(results), indent=2, sort_keys=True, default=str) + "\n")
+        return render_to(model_dir)
+    except OSError as exc:  # e.g. a read-only shared model folder: the results file is what matters
+        print(f"warning: model card of {model_dir} not updated ({exc})", flush=True)
+        return None
+
+
+# --- rendering ------------------------------------------------------------------------------------
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    if isinstance(v, list):
+        return ", ".join(str(x) for x in v) or "-"
+    return "-" if v is None or v == "" else str(v)
+
+
+def _data_line(d: Mapping[str, Any]) -> str:
+    if not d:
+        return "unknown (the checkpoint's run_config.json was not found)"
+    if d.get("kind") == "hub":
+        return f"Hugging Face dataset `{d.get('name')}`, split `{d.get('split')}`"
+    if d.get("kind") == "prepared":
+        ins = f" (from {_fmt(d.get('inputs'))})" if d.get("inputs") else ""
+        return f"a directory prepared by `launch/prepare.py` (`{d.get('name')}`){ins}"
+    return "local files: " + ", ".join(f"`{x}`" for x in d.get("inputs", []))
+
+
+def _eval_data_name(results: Mapping[str, Any]) -> str:
+    data = results.get("data")
+    if isinstance(data, list):
+        return ", ".join(Path(str(x)).name for x in data)
+    return str(data)
+
+
+def _front_matter(data: Mapping[str, Any], results: Mapping[str, Any] | None, name: str) -> str:
+    classifier = data.get("arch") == "classifier"
+    meta: dict[str, Any] = {"language": ["en"], "library_name": "transformers",
+                            "pipeline_tag": "text-classification" if classifier else "fill-mask",
+                            "tags": ["dapt", "deepspeed", "bert", "domain-adaptive-pretraining"]
+                            + (["sentiment-analysis"] if classifier else [])}
+    d = data.get("data", {})
+    if d.get("kind") == "hub" and d.get("name"):
+        meta["datasets"] = [d["name"]]
+    base = str(data.get("base_model") or "")
+    from dapt.models import PACKAGED_MODELS
+
+    if (base and base not in PACKAGED_MODELS and not base.startswith((".", "/", "~")) and base.count("/") <= 1
+            and not Path(base).exists()):  # a hub id
+        meta["base_model"] = base
+    if results and classifier:
+        ds_name = str(results.get("data", ""))
+        hub = ds_name.split(":")[0] if ":" in ds_name else ""
+        meta["model-index"] = [{"name": name, "results": [{
+            "task": {"type": "text-classification", "name": "Sentiment classification"},
+            "dataset": {"name": _eval_data_name(results), "type": HUB_DATASET_TYPES.get(hub, hub or "local"),
+                        **({"split": ds_name.split(":")[1]} if hub else {})},
+            "metrics": [{"type": "accuracy", "value": results["accuracy"]},
+                        {"type": "f1", "name": "macro F1", "value": results["f1_macro"], "args": {"average": "macro"}}],
+        }]}]
+    return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n"
+
+
+def render(data: Mapping[str, Any], results: Mapping[str, Any] | None, name: str) -> str:
+    classifier = data.get("arch") == "classifier"
+    s, rec, eng, m = data.get("settings", {}), data.get("recipe", {}), data.get("engine", {}), data.get("model", {})
+    max_len = s.get("max_seq_length") or rec.get("max_seq_length")
+    lin = data.get("lineage")
+    out = [_front_matter(data, results, name), f"# {data.get('title') or name}", ""]
+    if classifier:
+        out.append("A BERT-family sentiment classifier for English movie reviews (labels "
+                   + ", ".join(f"`{v}`" for v in m.get("labels", {}).values()) + "), fine-tuned with dapt on "
+                   "DeepSpeed" + (" after domain-adaptive masked-language-model pretraining on review text."
+                                  if lin and lin.get("arch") == "mlm" else "."))
+    else:
+        out.append("A BERT-family masked language model adapted to English movie-review text by continued "
+                   "masked-language-model pretraining (dapt, on DeepSpeed). It is a starting point for "
+                   "fine-tuning, not a classifier.")
+    out += ["", "## Model", "",
+            f"* Architecture: {m.get('type')} ({m.get('layers')} layers, hidden size {m.get('hidden_size')}, "
+            f"{m.get('parameters', 0) / 1e6:.1f}M parameters), exported as FP32 safetensors.",
+            f"* Started from: `{data.get('base_model')}`"]
+    if lin:
+        out.append(f"  (itself a dapt {lin.get('arch')} model: {lin.get('steps')} steps from `{lin.get('base_model')}` "
+                   f"on {_data_line(lin.get('data') or {})})")
+    out += [f"* Exported from checkpoint `{data.get('checkpoint')}` on {data.get('exported')} by dapt "
+            f"{data.get('dapt_version')}.", "", "## Training data", "", f"* {_data_line(data.get('data', {}))}"]
+    if rec.get("max_samples"):
+        out.append(f"* a seeded random subset of {rec['max_samples']} examples")
+    if rec.get("validation_split"):
+        out.append(f"* {rec['validation_split']:.0%} held out for validation (seed {rec.get('seed')})")
+    out += ["", "## Training procedure", "", "| setting | value |", "|---|---|"]
+    rows = [("objective", "masked-language-model (BERT 80/10/10 masking, p = "
+             f"{_fmt(rec.get('mlm_probability'))})" if not classifier else "cross-entropy, 2 labels"),
+            ("optimizer", f"AdamW (betas {_fmt(rec.get('adam_beta1'))}, {_fmt(rec.get('adam_beta2'))}; "
+             f"eps {_fmt(rec.get('adam_epsilon'))}; weight decay {_fmt(rec.get('weight_decay'))}, none on biases/LayerNorm)"),
+            ("learning rate", f"{_fmt(rec.get('learning_rate'))}, linear warmup ({_fmt(eng.get('warmup_steps'))} steps) "
+             "then linear decay"),
+            ("epochs / optimizer steps", f"{_fmt(rec.get('num_epochs'))} / {_fmt(data.get('steps'))}"),
+            ("effective batch", f"{_fmt(rec.get('effective_batch_size'))} (micro-batch {_fmt(rec.get('micro_batch_size'))}"
+             f" x {_fmt(eng.get('gradient_accumulation_steps'))} accumulation x {_fmt(eng.get('world_size'))} ranks)"),
+            ("gradient clipping", _fmt(rec.get("max_grad_norm"))),
+            ("max sequence length", _fmt(max_len)),
+            ("DeepSpeed", f"ZeRO stage {_fmt(eng.get('zero_stage'))}, {_fmt(eng.get('precision'))}, "
+             f"{_fmt(eng.get('world_size'))} x {_fmt(eng.get('device'))}"),
+            ("seed", _fmt(rec.get("seed")))]
+    if classifier:
+        rows.insert(6, ("truncation", f"{s.get('truncation')}" + (f" (first {s.get('head_tokens')} tokens + the end)"
+                                                                 if s.get("truncation") == "head+tail" else "")))
+    out += [f"| {k} | {v} |" for k, v in rows]
+    out += ["", "## Evaluation", ""]
+    val = data.get("validation") or {}
+    if val:
+        shown = {k[5:]: v for k, v in val.items() if k.startswith("eval_") and k != "eval_seconds"}
+        out.append(f"Held-out validation split at step {val.get('step')} (from the run's `metrics.jsonl`): "
+                   + ", ".join(f"{k} {_fmt(v)}" for k, v in shown.items()) + ".")
+        out.append("")
+    if classifier and results:
+        out += [f"Test set: {_eval_data_name(results)} ({results['n_examples']} examples, evaluated exactly once each "
+                f"on {results.get('world_size')} rank(s), {results.get('precision')}, max length "
+                f"{results.get('max_seq_length')}, truncation {results.get('truncation')}). "
+                f"Numbers from `{EVAL_FILE}` in this folder.", "",
+                "| metric | value |", "|---|---|",
+                f"| accuracy | {results['accuracy']:.4f} |", f"| macro F1 | {results['f1_macro']:.4f} |"]
+        for label, sc in results.get("per_class", {}).items():
+            out.append(f"| {label}: precision / recall / F1 (support) | {sc['precision']:.4f} / {sc['recall']:.4f} / "
+                       f"{sc['f1']:.4f} ({sc['support']}) |")
+        names = list(results.get("per_class", {}))
+        out += ["", "Confusion matrix (rows: true, columns: predicted):", "",
+                "| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        out += [f"| {names[i]} | " + " | ".join(str(v) for v in row) + " |"
+                for i, row in enumerate(results.get("confusion_matrix", []))]
+    elif classifier:
+        out.append("Not evaluated on a test set yet: `launch/evaluate.py --model_name_or_path <this folder>` measures "
+                   "it and fills in this section.")
+    out += ["", "## How to use", "", "```python", "from transformers import pipeline", ""]
+    if classifier:
+        out += [f'clf = pipeline("text-classification", model="path/to/this/folder")',
+                'clf("A wonderful film with a superb cast.", truncation=True)', "```", "",
+                f"or `dapt predict --model path/to/this/folder \"some review\"`, which truncates long reviews exactly as in "
+                f"training ({s.get('truncation')}, {max_len} tokens); the stock pipeline keeps only the first "
+                f"{max_len} tokens."]
+    else:
+        out += ['fill = pipeline("fill-mask", model="path/to/this/folder")', 'fill("This movie was [MASK].")', "```", "",
+                "or fine-tune it: `launch/finetune.py --model_name_or_path <this folder>`."]
+    out += ["", "## Intended use", ""]
+    if classifier:
+        out += ["* Binary sentiment (negative / positive) of English movie and TV reviews, like those it was "
+                "trained on; research, teaching and as a baseline.",
+                "* Not for decisions about people, content moderation or any high-stakes use without an "
+                "evaluation on the target data."]
+    else:
+        out += ["* A starting point for fine-tuning on English review-domain tasks (sentiment, topic), or "
+                "for masked-token prediction in that domain."]
+    out += ["", "## Limitations", "",
+            "* English only; trained on movie reviews. Other domains (product reviews, tweets, news), other "
+            "languages, or text unlike the training data (domain shift) can lower accuracy substantially, "
+            "and the scores above do not carry over to them.",
+            f"* Inputs longer than {max_len} tokens are truncated"
+            + (f" ({s.get('truncation')}: the middle of a long review is not read)" if classifier else "")
+            + "; sentiment that is only in the dropped part is missed.",
+            *(["* Two labels only: mixed or neutral reviews are forced into one of them, and the score is a "
+               "softmax probability, not a calibrated confidence.",
+               "* Sarcasm, negation across long spans and rare words are known failure modes of models of this "
+               "kind."] if classifier else []),
+            "* It inherits the biases of its base model's pretraining text and of the reviews it was trained on.", ""]
+    return "\n".join(out)

@@ -1,0 +1,491 @@
+"""Reading text data: local files in many formats (parquet, CSV, TSV, JSON lines, the aclImdb folder
+tree or its .tar.gz) or a hub dataset, validated strictly into one table with `text` (and `label`).
+
+Every bad input stops with one line naming the file, column, row and count. Two kinds of damage can
+be repaired instead, by a switch, with a reported count: empty texts (`empty_texts=drop`) and bytes
+that are not UTF-8 (`encoding_errors=replace`, decoded as U+FFFD).
+
+The validated table is written once to the datasets cache, keyed by the inputs and settings, so that
+`datasets.map` caches its tokenisation next to it: under `main_process_first` rank 0 reads, checks
+and tokenises, and the other ranks reuse both.
+"""
+from __future__ import annotations
+
+import bisect
+import csv
+import hashlib
+import io
+import json
+import os
+import re
+import sys
+import tarfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from dapt.config import ID2LABEL, DataConfig
+from dapt.errors import DaptError
+from dapt.version import __version__
+
+TABLE_FORMATS = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "json"}
+ARCHIVES = (".tar.gz", ".tgz")
+# Label names understood without configuration (case-insensitive); `label_map` adds more.
+LABEL_NAMES = {"negative": 0, "neg": 0, "positive": 1, "pos": 1}
+# Split names of the hub's stanfordnlp/imdb -> folders of the original aclImdb tree.
+ACLIMDB_SPLITS = {"train": "train", "test": "test", "unsupervised": "unsup", "unsup": "unsup"}
+_ACLIMDB_MEMBER = re.compile(r"(?:^|/)(train|test)/(pos|neg|unsup)/([^/]+)\.txt$")
+NEWLINE = b"\n"
+_TABLE_VERSION = 1  # bump when the cached table's layout or the validation rules change
+
+
+@dataclass
+class Part:
+    """Rows read from one input: a table file, an aclImdb tree or archive, or a hub split."""
+
+    origin: str
+    columns: dict[str, list]  # the needed columns that the input has
+    names: list[str]  # all its column names (for "missing column" errors)
+    row_files: list[str] | None = None  # aclImdb: each row is its own file
+
+    def where(self, row: int) -> str:
+        return self.row_files[row] if self.row_files else f"{self.origin} row {row}"
+
+
+@dataclass
+class SourceReport:
+    """What reading found and repaired; shown by the stages and stored in a prepared manifest."""
+
+    source: str
+    inputs: list[dict[str, Any]] = field(default_factory=list)
+    rows_read: int = 0
+    rows: int = 0
+    dropped_empty: int = 0
+    replaced_bytes: int = 0  # undecodable byte sequences replaced with U+FFFD
+    texts_with_replacements: int = 0
+    first_replacement: str = ""
+
+    def notes(self) -> list[str]:
+        out = []
+        if self.dropped_empty:
+            out.append(f"{self.source}: dropped {self.dropped_empty} empty or non-text text(s) of {self.rows_read}")
+        if self.replaced_bytes:
+            out.append(f"{self.source}: replaced {self.replaced_bytes} byte sequence(s) that are not UTF-8 with "
+                       f"U+FFFD in {self.texts_with_replacements} text(s) (first at {self.first_replacement})")
+        return out
+
+
+class _Decoder:
+    """UTF-8 decoding under the `encoding_errors` policy, counting what it replaces."""
+
+    def __init__(self, policy: str, report: SourceReport):
+        self.policy = policy
+        self.report = report
+
+    def decode(self, data: bytes, where: str, lines: bool = False) -> str:
+        try:
+            return data.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            at = f"line {data.count(NEWLINE, 0, exc.start) + 1}" if lines else f"byte {exc.start}"
+            if self.policy != "replace":
+                raise DaptError(f"{where}: bytes that are not valid UTF-8 at {at} (pass --encoding_errors replace "
+                                f"to decode them as U+FFFD)") from None
+            text = data.decode("utf-8-sig", errors="replace")
+            # Each invalid sequence becomes one U+FFFD; genuine U+FFFD characters are not counted.
+            self.report.replaced_bytes += text.count("\ufffd") - data.count("\ufffd".encode())
+            self.report.texts_with_replacements += 1
+            self.report.first_replacement = self.report.first_replacement or f"{where} {at}"
+            return text
+
+
+# --- inputs --------------------------------------------------------------------------------------
+
+def aclimdb_root(path: Path) -> Path | None:
+    """The aclImdb folder at `path` or just below it (`train/pos`, `test/neg`, ... inside)."""
+    for cand in (path, path / "aclImdb"):
+        if any((cand / s / c).is_dir() for s in ("train", "test") for c in ("pos", "neg", "unsup")):
+            return cand
+    return None
+
+
+def expand_inputs(paths: Sequence[str]) -> list[tuple[str, Path]]:
+    """(kind, path) per input: kind is a table format, `aclimdb` (folder) or `aclimdb.tar` (archive)."""
+    inputs: list[tuple[str, Path]] = []
+    for raw in paths:
+        p = Path(raw).expanduser()
+        if p.is_dir():
+            root = aclimdb_root(p)
+            if root is not None:
+                inputs.append(("aclimdb", root))
+                continue
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TABLE_FORMATS)
+            if not found:
+                raise DaptError(f"no csv/json/jsonl/parquet/tsv files (nor an aclImdb train/test tree) in folder {raw}")
+            inputs.extend((TABLE_FORMATS[f.suffix.lower()], f) for f in found)
+        elif p.is_file():
+            if p.name.lower().endswith(ARCHIVES):
+                inputs.append(("aclimdb.tar", p))
+            elif p.suffix.lower() in TABLE_FORMATS:
+                inputs.append((TABLE_FORMATS[p.suffix.lower()], p))
+            else:
+                raise DaptError(f"unsupported data file type '{p.suffix}' for {raw} (use parquet, csv, tsv, jsonl, "
+                                f"json, an aclImdb folder or its .tar.gz)")
+        else:
+            raise DaptError(f"data file not found: {raw}")
+    return inputs
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
+def read_parquet(path: Path, needed: Sequence[str], decoder: _Decoder) -> Part:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        names = pq.read_schema(path).names
+        table = pq.read_table(path, columns=[c for c in needed if c in names])
+    except Exception as exc:  # pyarrow raises several types for damaged files
+        raise DaptError(f"cannot read {path}: {_first_line(exc)}") from None
+    columns: dict[str, list] = {}
+    for name in table.column_names:
+        col = table.column(name)
+        if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+            try:
+                col.validate(full=True)  # parquet writers can store bytes that are not UTF-8
+            except pa.ArrowInvalid:
+                col = col.cast(pa.large_binary() if pa.types.is_large_string(col.type) else pa.binary())
+        values = col.to_pylist()
+        if pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type):
+            values = [decoder.decode(v, f"{path} row {i}") if v is not None else None for i, v in enumerate(values)]
+        columns[name] = values
+    return Part(str(path), columns, names)
+
+
+def read_delimited(path: Path, delimiter: str, needed: Sequence[str], decoder: _Decoder) -> Part:
+    text = decoder.decode(path.read_bytes(), str(path), lines=True)
+    csv.field_size_limit(2**31 - 1)  # long documents are normal here
+
+    def parse(quoting: int) -> list[list[str]]:
+        try:
+            return [r for r in csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting) if r]
+        except csv.Error as exc:
+            raise DaptError(f"cannot read {path}: {exc}") from None
+
+    rows = parse(csv.QUOTE_MINIMAL)
+    if delimiter == "\t":
+        # Many TSV files have no quoting, and a review that starts with an unbalanced '"' would swallow
+        # the lines after it (uci-sentences: 749 rows instead of 1,000). When every line is one whole
+        # record, lines are records.
+        lines = parse(csv.QUOTE_NONE)
+        if len(lines) != len(rows) and all(len(r) == len(lines[0]) for r in lines):
+            rows = lines
+    if not rows:
+        raise DaptError(f"{path}: empty file (a header row with column names is needed)")
+    header, body = rows[0], rows[1:]
+    for i, row in enumerate(body):
+        if len(row) != len(header):
+            raise DaptError(f"{path} row {i}: {len(row)} field(s) but the header has {len(header)} "
+                            f"({'tab' if delimiter == chr(9) else 'comma'}-separated; quote fields that contain one)")
+    columns = {name: [row[j] for row in body] for j, name in enumerate(header) if name in needed}
+    return Part(str(path), columns, header)
+
+
+def read_json(path: Path, needed: Sequence[str], decoder: _Decoder) -> Part:
+    """JSON lines (one object per line), or for .json files also one array of objects."""
+    text = decoder.decode(path.read_bytes(), str(path), lines=True)
+    records: list[Any] = []
+    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DaptError(f"{path} line {exc.lineno}: invalid JSON ({exc.msg})") from None
+        where = lambda i: f"{path} row {i}"  # noqa: E731
+    else:
+        line_of: list[int] = []
+        for n, line in enumerate(text.split("\n"), start=1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise DaptError(f"{path} line {n}: invalid JSON ({exc.msg})") from None
+                line_of.append(n)
+        where = lambda i: f"{path} line {line_of[i]}"  # noqa: E731
+    names: list[str] = []
+    for i, rec in enumerate(records):
+        if not isinstance(rec, dict):
+            raise DaptError(f"{where(i)}: expected a JSON object with named fields, got {type(rec).__name__}")
+        names.extend(k for k in rec if k not in names)
+    columns = {name: [rec.get(name) for rec in records] for name in names if name in needed}
+    return Part(str(path), columns, names)
+
+
+def _aclimdb_key(label: str, name: str) -> tuple:
+    """The hub's order: per split, negatives then positives (then unlabelled), each by review id."""
+    stem = name.split("_")[0]
+    return ("neg", "pos", "unsup").index(label), int(stem) if stem.isdigit() else 0, name
+
+
+def read_aclimdb(kind: str, path: Path, split: str, text_col: str, label_col: str | None,
+                 decoder: _Decoder) -> Part:
+    """The original aclImdb tree (or its .tar.gz): `<split>/pos|neg|unsup/<id>_<rating>.txt`.
+
+    `split` is a hub split name or several joined by '+' (`train+unsupervised`); pos -> 1, neg -> 0.
+    """
+    folders = []
+    for name in split.split("+"):
+        if name not in ACLIMDB_SPLITS:
+            raise DaptError(f"{path}: unknown aclImdb split '{name}' (use train, test or unsupervised, joined by '+')")
+        folders.append(ACLIMDB_SPLITS[name])
+    if label_col and "unsup" in folders:
+        raise DaptError(f"{path}: aclImdb split '{split}' includes unlabelled reviews (unsup); "
+                        f"a labelled split (train or test) is needed")
+    found: list[tuple[tuple, str, str, bytes]] = []  # (order, label, location, bytes)
+    if kind == "aclimdb":
+        for top in dict.fromkeys(folders):
+            group = [("train", "unsup")] if top == "unsup" else [(top, "neg"), (top, "pos")]
+            for folder, label in group:
+                for f in sorted((path / folder / label).glob("*.txt")):
+                    found.append(((folders.index(top), *_aclimdb_key(label, f.name)), label, str(f), f.read_bytes()))
+    else:
+        try:
+            with tarfile.open(path, "r|*") as tar:  # streamed: one pass, nothing extracted to disk
+                for member in tar:
+                    m = _ACLIMDB_MEMBER.search(member.name)
+                    if not (m and member.isfile()):
+                        continue
+                    folder, label, stem = m.groups()
+                    top = "unsup" if label == "unsup" else folder
+                    if top in folders:
+                        data = tar.extractfile(member).read()
+                        found.append(((folders.index(top), *_aclimdb_key(label, stem)), label,
+                                      f"{path}:{member.name}", data))
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            raise DaptError(f"cannot read archive {path}: {_first_line(exc)}") from None
+    if not found:
+        raise DaptError(f"{path}: no reviews for split '{split}' (expected aclImdb/{folders[0]}/pos|neg|unsup/*.txt)")
+    found.sort(key=lambda r: r[0])
+    texts = [decoder.decode(data, where) for _, _, where, data in found]
+    columns: dict[str, list] = {text_col: texts}
+    if label_col:
+        columns[label_col] = [{"neg": 0, "pos": 1}.get(label) for _, label, _, _ in found]
+    return Part(str(path), columns, list(columns), row_files=[where for _, _, where, _ in found])
+
+
+def read_hub(cfg: DataConfig, needed: Sequence[str]) -> tuple[Part, str]:
+    import datasets
+
+    source = f"{cfg.dataset_name} [{cfg.dataset_split}]"
+    try:
+        ds = datasets.load_dataset(cfg.dataset_name, split=cfg.dataset_split)
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DaptError(f"cannot load dataset {source} (offline? pass local files with --data_files): {first}") from None
+    columns = {c: ds[c] for c in needed if c in ds.column_names}
+    return Part(source, columns, list(ds.column_names)), ds._fingerprint
+
+
+# --- validation ----------------------------------------------------------------------------------
+
+def label_names(cfg: DataConfig) -> dict[str, int]:
+    names = dict(LABEL_NAMES)
+    for entry in cfg.label_map:
+        name, _, value = entry.partition("=")
+        names[name.strip().lower()] = int(value)
+    return names
+
+
+def _label_value(value: Any, names: dict[str, int]) -> int | None:
+    """The label id of a value (int, integral float, name or digit string), or None if invalid."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, (int, float)):
+        return int(value) if float(value).is_integer() and int(value) in ID2LABEL else None
+    if isinstance(value, str):
+        key = value.strip().lower()
+        if key in names:
+            return names[key]
+        if key.lstrip("-").isdigit() and int(key) in ID2LABEL:
+            return int(key)
+    return None
+
+
+class _Rows:
+    """Row positions across all parts, for messages."""
+
+    def __init__(self, parts: list[Part]):
+        self.parts = parts
+        self.starts = [0]
+        for p in parts:
+            self.starts.append(self.starts[-1] + len(next(iter(p.columns.values()), [])))
+
+    def where(self, i: int) -> str:
+        k = bisect.bisect_right(self.starts, i) - 1
+        if len(self.parts) == 1 and not self.parts[0].row_files:
+            return f"row {i}"  # the message already starts with the file
+        return self.parts[k].where(i - self.starts[k])
+
+
+def validate_parts(parts: list[Part], cfg: DataConfig, label_col: str | None, report: SourceReport
+                   ) -> tuple[list[str], list[int] | None]:
+    """Texts (and label ids) of all parts after every check; empty texts dropped if allowed."""
+    from dapt.data import clean_text
+
+    text_col = cfg.text_column
+    for p in parts:
+        for col in [text_col] + ([label_col] if label_col else []):
+            if col not in p.columns:
+                raise DaptError(f"{p.origin}: missing column '{col}' (columns: {', '.join(p.names)})")
+    rows = _Rows(parts)
+    texts = [t for p in parts for t in p.columns[text_col]]
+    report.rows_read = len(texts)
+    if not texts:
+        raise DaptError(f"{report.source}: no rows")
+
+    odd = [i for i, t in enumerate(texts) if t is not None and not isinstance(t, str)]
+    if odd:
+        kinds = sorted({type(texts[i]).__name__ for i in odd} | ({"str"} if len(odd) < len(texts) else set()))
+        raise DaptError(f"{report.source}: {len(odd)} non-text value(s) in column '{text_col}', mixed types "
+                        f"{'/'.join(kinds)} (first at {rows.where(odd[0])}: {texts[odd[0]]!r})")
+    empty = [i for i, t in enumerate(texts) if t is None or not clean_text(t)]
+    if empty and cfg.empty_texts != "drop":
+        raise DaptError(f"{report.source}: {len(empty)} empty or non-text value(s) in column '{text_col}' "
+                        f"(first at {rows.where(empty[0])}; pass --empty_texts drop to drop them)")
+
+    labels: list[int] | None = None
+    if label_col:
+        raw = [y for p in parts for y in p.columns[label_col]]
+        kind = lambda y: "text" if isinstance(y, str) else "number" if isinstance(y, (int, float)) else None  # noqa: E731
+        first: dict[str, int] = {}
+        for i, y in enumerate(raw):
+            k = kind(y)
+            if k and k not in first:
+                first[k] = i
+        if len(first) > 1:
+            a, b = sorted(first.values())
+            raise DaptError(f"{report.source}: column '{label_col}' mixes types: {kind(raw[a])} at {rows.where(a)} "
+                            f"({raw[a]!r}) and {kind(raw[b])} at {rows.where(b)} ({raw[b]!r})")
+        names = label_names(cfg)
+        labels = [_label_value(y, names) for y in raw]
+        wrong = [i for i, y in enumerate(labels) if y is None]
+        if wrong:
+            accepted = ", ".join(sorted(names))
+            raise DaptError(f"{report.source}: {len(wrong)} label(s) outside {{0, 1}} in column '{label_col}' "
+                            f"(first at {rows.where(wrong[0])}: {raw[wrong[0]]!r}; names accepted: {accepted})")
+
+    if empty:
+        drop = set(empty)
+        texts = [t for i, t in enumerate(texts) if i not in drop]
+        labels = [y for i, y in enumerate(labels) if i not in drop] if labels is not None else None
+        report.dropped_empty = len(empty)
+        if not texts:
+            raise DaptError(f"{report.source}: every text is empty")
+    report.rows = len(texts)
+    return texts, labels
+
+
+# --- the cached table ----------------------------------------------------------------------------
+
+def _describe(paths: Sequence[str]) -> str:
+    return ", ".join(paths[:3]) + (f" (+{len(paths) - 3} more)" if len(paths) > 3 else "")
+
+
+def source_key(cfg: DataConfig, label_col: str | None) -> tuple[str, list[tuple[str, Path]]]:
+    """A key for the inputs (paths, sizes, modification times) and the settings that shape the table."""
+    settings = {k: v for k, v in asdict(cfg).items()
+                if k in ("text_column", "dataset_split", "label_map", "empty_texts", "encoding_errors")}
+    key: dict[str, Any] = {"version": [__version__, _TABLE_VERSION], "label_column": label_col, **settings}
+    inputs: list[tuple[str, Path]] = []
+    if cfg.data_files:
+        inputs = expand_inputs(cfg.data_files)
+        files = []
+        for kind, path in inputs:
+            members = sorted(path.rglob("*.txt")) if kind == "aclimdb" else [path]  # an edited review counts
+            files.extend([str(f.resolve()), st.st_size, st.st_mtime_ns] for f in members for st in [f.stat()])
+        key["files"] = files
+    else:
+        key["dataset"] = cfg.dataset_name  # the hub's own fingerprint is added once loaded
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24], inputs
+
+
+def read_source(cfg: DataConfig, label_col: str | None, inputs: list[tuple[str, Path]]
+                ) -> tuple[list[str], list[int] | None, SourceReport]:
+    """Read and validate every input (the hub split when there are no local inputs)."""
+    needed = [cfg.text_column] + ([label_col] if label_col else [])
+    if not inputs:
+        part, fingerprint = read_hub(cfg, needed)
+        report = SourceReport(part.origin, inputs=[{"dataset": cfg.dataset_name, "split": cfg.dataset_split,
+                                                    "datasets_fingerprint": fingerprint}])
+        return (*validate_parts([part], cfg, label_col, report), report)
+    report = SourceReport(_describe([str(p) for _, p in inputs]))
+    decoder = _Decoder(cfg.encoding_errors, report)
+    parts = []
+    for kind, path in inputs:
+        report.inputs.append({"path": str(path.resolve()), "format": kind,
+                              "bytes": path.stat().st_size if path.is_file() else None})
+        if kind in ("aclimdb", "aclimdb.tar"):
+            parts.append(read_aclimdb(kind, path, cfg.dataset_split, cfg.text_column, label_col, decoder))
+        elif kind == "parquet":
+            parts.append(read_parquet(path, needed, decoder))
+        elif kind in ("csv", "tsv"):
+            parts.append(read_delimited(path, "\t" if kind == "tsv" else ",", needed, decoder))
+        else:
+            parts.append(read_json(path, needed, decoder))
+    return (*validate_parts(parts, cfg, label_col, report), report)
+
+
+def _cache_dir() -> Path:
+    import datasets
+
+    return Path(datasets.config.HF_DATASETS_CACHE) / "dapt_tables"
+
+
+def _write_table(texts: list[str], labels: list[int] | None, path: Path) -> None:
+    import pyarrow as pa
+    from datasets.arrow_writer import ArrowWriter
+
+    columns: dict[str, Any] = {"text": pa.array(texts, pa.string())}
+    if labels is not None:
+        columns["label"] = pa.array(labels, pa.int64())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with ArrowWriter(path=str(tmp)) as writer:
+        writer.write_table(pa.table(columns))
+        writer.finalize()
+    tmp.replace(path)  # another rank never sees a half-written table
+
+
+def load_source(cfg: DataConfig, seed: int, label_col: str | None = None) -> tuple[Any, SourceReport]:
+    """A file-backed `datasets.Dataset` with `text` (and `label` ids), and the report of reading it.
+
+    The validated table is cached by `source_key`: a second reader (another rank, a later run) skips
+    reading and checking. `max_samples` then takes a seeded random subset."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    digest, inputs = source_key(cfg, label_col)
+    if not inputs:  # a hub split: its own fingerprint says whether the data changed
+        digest = hashlib.sha256(f"{digest}{read_hub(cfg, [])[1]}".encode()).hexdigest()[:24]
+    path = _cache_dir() / f"table-{digest}.arrow"
+    report_path = path.with_suffix(".json")
+    if path.is_file() and report_path.is_file():
+        report = SourceReport(**json.loads(report_path.read_text()))
+    else:
+        texts, labels, report = read_source(cfg, label_col, inputs)
+        _write_table(texts, labels, path)
+        tmp = report_path.with_name(f"{report_path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(asdict(report)))
+        tmp.replace(report_path)
+    ds = datasets.Dataset.from_file(str(path))
+    if cfg.max_samples and cfg.max_samples < len(ds):
+        ds = ds.shuffle(seed=seed).select(range(cfg.max_samples))
+    return ds, report
+
+
+def print_notes(report: SourceReport) -> None:
+    """Repairs are reported once (by rank 0 under a launcher), on stderr beside the job's log."""
+    if os.environ.get("RANK", "0") == "0":
+        for note in report.notes():
+            print(f"dapt: note: {note}", file=sys.stderr, flush=True)

@@ -1,0 +1,11 @@
+#!/usr/bin/env python
+"""Entry point: `python launch/predict.py ...` (the same as `dapt predict ...`)."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runs from a checkout without install
+
+from dapt.predict import main  # noqa: E402
+
+if __name__ == "__main__":
+    main()

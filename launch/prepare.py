@@ -1,0 +1,12 @@
+#!/usr/bin/env python
+"""Entry point: `python launch/prepare.py --stage mlm|finetune|evaluate --output_dir DIR ...` (one process;
+a login node or a CPU job: see slurm/prepare.sh)."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runs from a checkout without install
+
+from dapt.prepare import main  # noqa: E402
+
+if __name__ == "__main__":
+    main()
