@@ -2,20 +2,25 @@
 
 The accelerator DeepSpeed detects decides everything hardware-specific: device (cuda:N, cpu, ...),
 communication backend (NCCL on GPUs, gloo on CPU) and which precisions exist. Ranks come from the
-launcher's environment (deepspeed, torchrun, srun: RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*), from MPI
-(DeepSpeed's mpi4py discovery), or default to a single process.
+launcher's environment (deepspeed, torchrun, slurm/launch.sh: RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*), from
+a bare `srun` task (SLURM_PROCID/SLURM_STEP_*; also `srun --mpi=pmix`, which sets PMIX_RANK), from
+OpenMPI's `mpirun` (OMPI_COMM_WORLD_*; rank 0's address and port broadcast with mpi4py), from other
+MPI launchers (DeepSpeed's mpi4py discovery), or default to a single process.
 """
 from __future__ import annotations
 
 import contextlib
 import os
 import socket
+import subprocess
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Iterator
 
 import torch
 import torch.distributed as dist
+
+from dapt.errors import DaptError
 
 
 @dataclass(frozen=True)
@@ -31,19 +36,127 @@ class DistInfo:
         return self.rank == 0
 
 
-def _free_port() -> int:
+def _free_port(addr: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((addr, 0))
         return s.getsockname()[1]
 
 
-def _single_process_env() -> None:
-    """A plain `python launch/x.py` is a world of one; give torch.distributed what it needs."""
-    if "RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ or "PMI_RANK" in os.environ:
+def _single_process_env() -> str:
+    """Fill RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT from whatever started this process and
+    return its name. A plain `python launch/x.py` (also inside an sbatch script, whose batch shell sees
+    SLURM_PROCID=0 and SLURM_NTASKS of the whole job but is no step task) is a world of one."""
+    env = os.environ
+    if "RANK" in env:  # deepspeed, torchrun, slurm/launch.sh, or set by hand
+        return "env"
+    if "OMPI_COMM_WORLD_RANK" in env:  # OpenMPI's mpirun
+        _mpirun_env()
+        return "mpirun"
+    if "SLURM_PROCID" in env and ("SLURM_STEP_ID" in env or "SLURM_STEPID" in env):  # a task of `srun`
+        _srun_env()
+        return "srun"
+    if "PMI_RANK" in env or "PMIX_RANK" in env:  # another MPI launcher: DeepSpeed's mpi4py discovery
+        return "mpi"
+    env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    env.setdefault("MASTER_ADDR", "127.0.0.1")
+    env.setdefault("MASTER_PORT", str(_free_port()))
+    return "single"
+
+
+def _mpirun_env() -> None:
+    """OpenMPI's mpirun: ranks from OMPI_COMM_WORLD_*, rank 0's address and a free port of rank 0's host
+    broadcast to all with mpi4py (unless MASTER_ADDR/MASTER_PORT are set). One host: 127.0.0.1; several:
+    the first address of `hostname -I` on rank 0's host (DAPT_MASTER_ADDR overrides it)."""
+    env = os.environ
+    size, local_size = int(env["OMPI_COMM_WORLD_SIZE"]), int(env.get("OMPI_COMM_WORLD_LOCAL_SIZE", "0"))
+    env.update(RANK=env["OMPI_COMM_WORLD_RANK"], WORLD_SIZE=str(size),
+               LOCAL_RANK=env.get("OMPI_COMM_WORLD_LOCAL_RANK", "0"))
+    if local_size:
+        env.setdefault("LOCAL_WORLD_SIZE", str(local_size))
+    if "MASTER_ADDR" in env and "MASTER_PORT" in env:
         return
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    try:
+        from mpi4py import MPI
+    except ImportError as e:  # also a RuntimeError when mpi4py finds no MPI library
+        raise DaptError("under mpirun, dapt needs mpi4py to agree on a rendezvous address "
+                        "(pip install 'dapt[mpi]'), or set MASTER_ADDR and MASTER_PORT") from e
+    except RuntimeError as e:
+        raise DaptError(f"mpi4py cannot load the MPI library: {e}") from e
+    comm = MPI.COMM_WORLD
+    ours = None
+    if comm.Get_rank() == 0:
+        addr = env.get("MASTER_ADDR") or env.get("DAPT_MASTER_ADDR") or (
+            "127.0.0.1" if local_size == size else _host_address())
+        ours = (addr, env.get("MASTER_PORT") or str(_free_port(addr)))
+    addr, port = comm.bcast(ours, root=0)
+    env.update(MASTER_ADDR=addr, MASTER_PORT=port)
+
+
+def _host_address() -> str:
+    """An address of this host that other hosts can reach (what DeepSpeed's MPI discovery uses)."""
+    try:
+        out = subprocess.run(["hostname", "-I"], capture_output=True, text=True, timeout=10).stdout.split()
+        if out:
+            return out[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return socket.gethostbyname(socket.gethostname())
+
+
+def _tasks_on_node(spec: str, node: int) -> int:
+    """SLURM_STEP_TASKS_PER_NODE ("2(x3),1") -> the number of tasks on node index `node`."""
+    counts: list[int] = []
+    for part in spec.split(","):
+        n, _, rep = part.partition("(x")
+        counts += [int(n)] * (int(rep.rstrip(")")) if rep else 1)
+    return counts[node] if node < len(counts) else 1
+
+
+def _slurm_first_host(nodelist: str) -> str:
+    """First host of a Slurm node list, as an address: its name when it resolves, else its NodeAddr
+    (nodes that are only names to Slurm, e.g. several slurmd on one test machine)."""
+    def scontrol(*args: str) -> str:
+        try:
+            return subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=30).stdout
+        except (OSError, subprocess.SubprocessError) as e:
+            raise DaptError(f"srun task: cannot run scontrol to find the master host ({e}); "
+                            "set MASTER_ADDR and MASTER_PORT, or launch with slurm/launch.sh") from e
+
+    hosts = scontrol("show", "hostnames", nodelist).split()
+    if not hosts:
+        raise DaptError(f"srun task: `scontrol show hostnames {nodelist}` returned nothing; set MASTER_ADDR")
+    host = hosts[0]
+    with contextlib.suppress(OSError):
+        socket.getaddrinfo(host, None)
+        return host
+    for word in scontrol("show", "node", host).split():
+        if word.startswith("NodeAddr="):
+            return word.split("=", 1)[1]
+    raise DaptError(f"srun task: master host {host} does not resolve and has no NodeAddr; set MASTER_ADDR")
+
+
+def _srun_env() -> None:
+    """A task started by `srun` (plain, or `--mpi=pmix`: PMIX_RANK equals SLURM_PROCID): ranks from
+    SLURM_*; the master is the step's first node, the port derived from the job and step ids."""
+    env = os.environ
+    rank = env["SLURM_PROCID"]
+    if "PMIX_RANK" in env and env["PMIX_RANK"] != rank:
+        raise DaptError(f"srun task: PMIX_RANK={env['PMIX_RANK']} but SLURM_PROCID={rank}")
+    step = env.get("SLURM_STEP_ID", env.get("SLURM_STEPID", "0"))
+    env.update(RANK=rank, WORLD_SIZE=env.get("SLURM_STEP_NUM_TASKS") or env["SLURM_NTASKS"],
+               LOCAL_RANK=env.get("SLURM_LOCALID", "0"))
+    if "SLURM_STEP_TASKS_PER_NODE" in env:
+        env.setdefault("LOCAL_WORLD_SIZE", str(_tasks_on_node(env["SLURM_STEP_TASKS_PER_NODE"],
+                                                              int(env.get("SLURM_NODEID", "0")))))
+    if env["WORLD_SIZE"] == "1":  # a one-task step: nothing to agree on; a free port as for plain python
+        env.setdefault("MASTER_ADDR", "127.0.0.1")
+        env.setdefault("MASTER_PORT", str(_free_port()))
+    if "MASTER_ADDR" not in env:
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or ""
+        env["MASTER_ADDR"] = _slurm_first_host(nodelist) if nodelist else "127.0.0.1"
+    if "MASTER_PORT" not in env:
+        job = int(env.get("SLURM_JOB_ID", "0"))
+        env["MASTER_PORT"] = str(20000 + (job * 7 + int(step) + 1) % 20000)
 
 
 def _cpu_threads(local_world_size: int) -> None:

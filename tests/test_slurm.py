@@ -1,0 +1,352 @@
+"""The Slurm scripts, the deepspeed hostfile helper and MPI launches, on a real Slurm cluster.
+
+`.ci/cluster.sh` (the project's own script) installs Slurm, munge and OpenMPI from Debian packages
+and brings up a one-node cluster on this machine (and a two-"node" one, several slurmd on one host);
+the session fixture starts it and stops it at the end, by pid. Jobs run the real `slurm/*.sh` with
+the tiny model on CPU (`--gres=none`, the CPU mode) and write under the test's tmp dir (logs/ too).
+
+Where Slurm is missing and cannot be installed (not root, no apt-get) the tests skip, saying so;
+with DAPT_REQUIRE_CLUSTER=1 (.ci/run) they fail instead."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+
+CLUSTER = ROOT / ".ci" / "cluster.sh"
+SLURM = ROOT / "slurm"
+TOOLS = ("sbatch", "scontrol", "slurmctld", "slurmd", "munged", "mpirun")
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+            "DEADLINE", "PREEMPTED"}
+CPU_MODE = ["--gres=none", "--cpus-per-task=1"]  # the same scripts on a CPU-only cluster
+EPOCHS = 4  # long enough to be interrupted twice, short enough for CI (9 optimizer steps per epoch)
+
+
+def _unavailable(reason: str) -> None:
+    if os.environ.get("DAPT_REQUIRE_CLUSTER") == "1":
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+def _ensure_installed() -> None:
+    if all(shutil.which(t) for t in TOOLS):
+        return
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        _unavailable("Slurm/munge/OpenMPI are not installed and cannot be installed here (needs root and "
+                     "apt-get); run `.ci/cluster.sh install` as root")
+    proc = subprocess.run([str(CLUSTER), "install"], capture_output=True, text=True, timeout=900)
+    if proc.returncode:
+        _unavailable(f".ci/cluster.sh install failed: {proc.stderr.strip()[-500:]}")
+
+
+class Cluster:
+    """The running cluster: 1 node (this host) or 2 nodes (n1, n2) on this host."""
+
+    def __init__(self) -> None:
+        self.nodes = 0
+
+    def ensure(self, nodes: int) -> None:
+        if self.nodes == nodes:
+            return
+        proc = subprocess.run([str(CLUSTER), "up" if nodes == 1 else "up2"], capture_output=True, text=True,
+                              timeout=180)
+        if proc.returncode:
+            _unavailable(f"cluster bring-up failed: {proc.stderr.strip()[-800:]}")
+        self.nodes = nodes
+
+    def stop(self) -> None:
+        subprocess.run([str(CLUSTER), "down"], capture_output=True, text=True, timeout=120)
+        self.nodes = 0
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    _ensure_installed()
+    c = Cluster()
+    try:
+        c.ensure(1)
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture(scope="session")
+def mpi_ready():
+    _ensure_installed()
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        _unavailable("mpi4py is not installed (pip install 'dapt[mpi]'; `make venv` does)")
+
+
+def job_env(base_env, **dapt) -> dict[str, str]:
+    """The submitting environment (sbatch exports it to the job), without a surrounding job's SLURM_*."""
+    env = {k: v for k, v in base_env.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))}
+    env.update({k: str(v) for k, v in dapt.items()})
+    return env
+
+
+def sbatch(args, cwd: Path, env) -> int:
+    (cwd / "logs").mkdir(exist_ok=True)
+    proc = subprocess.run(["sbatch", "--parsable", *map(str, args)], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return int(proc.stdout.strip().split(";")[0])
+
+
+def job_info(job: int) -> dict[str, str]:
+    out = subprocess.run(["scontrol", "show", "job", "-o", str(job)], capture_output=True, text=True,
+                         timeout=30).stdout
+    return dict(w.split("=", 1) for w in out.split() if "=" in w)
+
+
+def log_of(job: int) -> str:
+    path = job_info(job).get("StdOut", "")
+    return Path(path).read_text(errors="replace") if path and Path(path).is_file() else ""
+
+
+def wait_job(job: int, timeout: float) -> dict[str, str]:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        info = job_info(job)
+        if info.get("JobState") in TERMINAL:
+            return info
+        time.sleep(0.5)
+    log = log_of(job)
+    subprocess.run(["scancel", str(job)], timeout=30)
+    raise AssertionError(f"job {job} not finished after {timeout:.0f}s\n{log[-4000:]}")
+
+
+def assert_completed(job: int, timeout: float = 240) -> str:
+    info = wait_job(job, timeout)
+    log = log_of(job)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info['JobState']} {info['ExitCode']}\n{log[-5000:]}"
+    return log
+
+
+def stage_args(stage: str, out: Path, demo_files, epochs: int) -> list[str]:
+    data = {"mlm": "unlabelled", "finetune": "train"}[stage]
+    args = ["--data_files", demo_files[data], "--output_dir", out, "--max_seq_length", 64, "--num_epochs", epochs,
+            "--learning_rate", "1e-3", "--warmup", "0.1", "--validation_split", "0.1", "--effective_batch_size", 16,
+            "--micro_batch_size", 4, "--logging_steps", 1, "--seed", 3, "--save_steps", 0]
+    if stage == "finetune":
+        args += ["--head_tokens", 16]
+    return [str(a) for a in args]
+
+
+def tiny_env(base_env, tiny_model, **more):
+    # This interpreter and this PATH, not the activated venv: its pip `ninja` (1.13) and Debian's (1.11)
+    # hash build commands differently, so alternating them rebuilds DeepSpeed's JIT op (30-90 s) each run.
+    return job_env(base_env, **{"DAPT_CONFIG": "", "DAPT_DS_CONFIG": "ds_configs/zero2_auto.json", "DAPT_MODEL": tiny_model,
+                                "DAPT_VENV": "none", "DAPT_PYTHON": sys.executable, **more})
+
+
+def steps_and_losses(out: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def max_step(out: Path) -> int:
+    try:
+        return max(steps_and_losses(out), default=0)
+    except (OSError, ValueError):  # not written yet, or a line being written
+        return 0
+
+
+def wait_for_step(out: Path, step: int, job: int, timeout: float = 180) -> int:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if (now := max_step(out)) >= step:
+            return now
+        assert job_info(job).get("JobState") not in TERMINAL, f"job ended before step {step}\n{log_of(job)[-3000:]}"
+        time.sleep(0.1)
+    raise AssertionError(f"step {step} not reached in {timeout}s\n{log_of(job)[-3000:]}")
+
+
+def world_size(out: Path) -> int:
+    return json.loads((out / "run_config.json").read_text())["world_size"]
+
+
+# --- one node ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def reference_mlm(cluster, tmp_path_factory, tiny_model, demo_files, base_env):
+    """`sbatch slurm/mlm.sh` with 2 tasks, uninterrupted (also the reference of the requeue test)."""
+    cluster.ensure(1)
+    work = tmp_path_factory.mktemp("slurm_mlm")
+    out = work / "mlm"
+    start = time.time()
+    job = sbatch([*CPU_MODE, "--ntasks-per-node=2", SLURM / "mlm.sh", *stage_args("mlm", out, demo_files, EPOCHS)],
+                 work, tiny_env(base_env, tiny_model))
+    log = assert_completed(job)
+    return {"job": job, "out": out, "log": log, "seconds": time.time() - start, "work": work}
+
+
+@pytest.mark.slurm
+def test_sbatch_mlm_two_tasks(reference_mlm):
+    out, log, job = reference_mlm["out"], reference_mlm["log"], reference_mlm["job"]
+    assert (reference_mlm["work"] / "logs" / f"dapt-mlm-{job}.out").is_file()  # #SBATCH --output=logs/%x-%j.out
+    assert f"dapt-slurm: job {job} (dapt-mlm) run 1 on " in log and "2 tasks" in log
+    assert re.search(r"dapt-slurm: running: srun --kill-on-bad-exit=0 --wait=60 .*launch/mlm\.py", log)
+    assert "dapt-slurm: finished" in log
+    assert world_size(out) == 2
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 9 * EPOCHS and summary["world_size"] == 2
+    assert sorted(steps_and_losses(out)) == list(range(1, 9 * EPOCHS + 1))
+    assert (out / "model" / "model.safetensors").is_file() and (out / "model" / "config.json").is_file()
+    print(f"sbatch slurm/mlm.sh, 2 tasks: {summary['steps']} steps, {reference_mlm['seconds']:.0f}s")
+
+
+@pytest.mark.slurm
+def test_requeue_resumes_to_the_same_run(cluster, reference_mlm, tmp_path, tiny_model, demo_files, base_env):
+    """A USR1 to the batch shell (as `--signal=B:USR1@grace` sends it), then `scontrol requeue` (SIGTERM):
+    each time the tasks checkpoint and exit 75, the job is requeued, and the next run resumes."""
+    cluster.ensure(1)
+    start = time.time()
+    out = tmp_path / "mlm"
+    job = sbatch([*CPU_MODE, "--ntasks-per-node=2", SLURM / "mlm.sh", *stage_args("mlm", out, demo_files, EPOCHS)],
+                 tmp_path, tiny_env(base_env, tiny_model))
+    wait_for_step(out, 3, job)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", str(job)], check=True, timeout=30)
+    # the second run: requeued by the job itself, resumed; interrupt it with a requeue from outside
+    deadline = time.time() + 180
+    while "run 2 on" not in log_of(job):
+        assert time.time() < deadline and job_info(job).get("JobState") not in TERMINAL, log_of(job)[-4000:]
+        time.sleep(0.5)
+    first_stop = int(re.findall(r"stopped by signal \d+ at step (\d+)", log_of(job))[0])
+    wait_for_step(out, first_stop + 3, job)
+    subprocess.run(["scontrol", "requeue", str(job)], check=True, timeout=30)
+    log = assert_completed(job, timeout=300)
+
+    info = job_info(job)
+    assert info["Restarts"] == "2", info
+    stops = [(int(s), int(n)) for s, n in re.findall(r"stopped by signal (\d+) at step (\d+)", log)]
+    assert len(stops) == 2 and stops[0][0] == signal.SIGUSR1 and stops[1][0] in (signal.SIGUSR1, signal.SIGTERM), stops
+    assert "got SIGUSR1: forwarding SIGUSR1 to the tasks" in log and "got SIGTERM: forwarding" in log
+    assert f"requeueing job {job}" in log and "run 3 on" in log
+    for _, step in stops:
+        assert re.search(rf"resumed from \S*step{step:07d} at step {step}\b", log), step
+    ref = steps_and_losses(reference_mlm["out"])
+    losses = steps_and_losses(out)
+    assert sorted(losses) == sorted(ref) == list(range(1, 9 * EPOCHS + 1))
+    assert json.loads((out / "summary.json").read_text())["steps"] == max(ref)
+    worst = max(abs(losses[s] - ref[s]) for s in ref)
+    assert worst <= 1e-6, worst
+    print(f"requeue: stops at {stops}, {max(losses)} steps like the uninterrupted run "
+          f"(max |loss diff| {worst:.1e}), {time.time() - start:.0f}s")
+
+
+@pytest.mark.slurm
+def test_pipeline_three_dependent_jobs(cluster, tmp_path, tiny_model, demo_files, base_env):
+    cluster.ensure(1)
+    start = time.time()
+    out = tmp_path / "pipe"
+    common = "--max_seq_length 64 --validation_split 0.1 --effective_batch_size 16 --micro_batch_size 4 --save_steps 0"
+    env = tiny_env(base_env, tiny_model, DAPT_OUTPUT_DIR=out, DAPT_GPUS_PER_NODE=0,
+                   DAPT_MLM_ARGS=f"--data_files {demo_files['unlabelled']} --num_epochs 1 {common}",
+                   DAPT_FINETUNE_ARGS=f"--data_files {demo_files['train']} --num_epochs 1 --head_tokens 16 {common}",
+                   DAPT_EVAL_ARGS=f"--data_files {demo_files['test']}")
+    proc = subprocess.run([str(SLURM / "pipeline.sh"), "--ntasks-per-node=2", "--cpus-per-task=1"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    ids = dict(kv.split("=") for kv in proc.stdout.split())
+    jobs = {k: int(v) for k, v in ids.items()}
+    assert list(jobs) == ["mlm", "finetune", "eval"]
+    assert job_info(jobs["finetune"])["Dependency"] in (f"afterok:{jobs['mlm']}(unfulfilled)", "(null)")
+    for stage in jobs:
+        assert_completed(jobs[stage], timeout=300)
+    info = {k: job_info(v) for k, v in jobs.items()}
+    assert info["finetune"]["StartTime"] >= info["mlm"]["EndTime"]  # afterok: one after the other
+    assert info["eval"]["StartTime"] >= info["finetune"]["EndTime"]
+    results = json.loads((out / "eval" / "eval_results.json").read_text())
+    n_test = sum(1 for line in Path(demo_files["test"]).read_text().splitlines() if line.strip())
+    assert results["n_examples"] == n_test == 37
+    assert world_size(out / "finetune") == 2
+    assert f"--model_name_or_path {out / 'mlm'}" in log_of(jobs["finetune"])
+    assert f"--model_name_or_path {out / 'finetune'}" in log_of(jobs["eval"])
+    print(f"pipeline: jobs {jobs}, {results['n_examples']} examples evaluated, {time.time() - start:.0f}s")
+
+
+@pytest.mark.slurm
+def test_bad_input_is_one_line_and_nonzero(cluster, tmp_path, tiny_model, base_env):
+    cluster.ensure(1)
+    bad = {"DAPT_CONFIG": ("/nonexistent/recipe.yaml", "DAPT_CONFIG=/nonexistent/recipe.yaml: no such file"),
+           "DAPT_REQUEUE": ("maybe", "DAPT_REQUEUE=maybe: expected 0 or 1"),
+           "DAPT_VENV": (str(tmp_path), f"DAPT_VENV={tmp_path}: not a virtualenv (no bin/activate)")}
+    jobs = {name: sbatch([*CPU_MODE, "--ntasks-per-node=1", SLURM / "mlm.sh"], tmp_path,
+                         tiny_env(base_env, tiny_model, **{name: value}))
+            for name, (value, _) in bad.items()}
+    for name, job in jobs.items():
+        info = wait_job(job, 60)
+        errors = [ln for ln in log_of(job).splitlines() if "error" in ln.lower()]
+        assert info["ExitCode"] == "2:0" and errors == [f"dapt-slurm: error: {bad[name][1]}"], (info["ExitCode"], errors)
+    proc = subprocess.run([str(SLURM / "pipeline.sh")], cwd=tmp_path, env=job_env(base_env, DAPT_GPUS_PER_NODE="two"),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip() == "dapt-slurm: error: DAPT_GPUS_PER_NODE=two: expected a number of GPUs (0 = CPU only)"
+
+
+@pytest.mark.slurm
+@pytest.mark.mpi
+def test_srun_mpi_pmix(cluster, mpi_ready, tmp_path, tiny_model, demo_files, base_env):
+    """`srun --mpi=pmix python launch/mlm.py`: no launcher variables, ranks from PMIX_RANK/SLURM_*."""
+    cluster.ensure(1)
+    start = time.time()
+    out = tmp_path / "mlm"
+    args = " ".join(["--model_name_or_path", str(tiny_model), "--ds_config", "ds_configs/zero2_auto.json",
+                     *stage_args("mlm", out, demo_files, 1)])
+    wrap = (f"srun --mpi=pmix printenv PMIX_RANK && "
+            f"srun --mpi=pmix --cpus-per-task=1 {sys.executable} {ROOT / 'launch' / 'mlm.py'} {args}")
+    job = sbatch(["--ntasks=2", "--cpus-per-task=1", "--output=logs/pmix-%j.out", "--wrap", wrap], tmp_path,
+                 job_env(base_env, OMP_NUM_THREADS="1"))
+    log = assert_completed(job)
+    assert sorted(ln for ln in log.splitlines() if ln.strip() in ("0", "1")) == ["0", "1"]  # PMIX_RANK 0 and 1
+    assert world_size(out) == 2 and max(steps_and_losses(out)) == 9
+    print(f"srun --mpi=pmix: 2 ranks, {time.time() - start:.0f}s")
+
+
+@pytest.mark.mpi
+def test_mpirun(mpi_ready, tmp_path, tiny_model, demo_files, base_env):
+    """`mpirun -np 2 python launch/mlm.py` (OpenMPI; no Slurm): ranks from OMPI_COMM_WORLD_*, the
+    rendezvous address and port from rank 0 via mpi4py."""
+    start = time.time()
+    out = tmp_path / "mlm"
+    env = job_env(base_env, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+                  OMPI_MCA_btl_vader_single_copy_mechanism="none", OMPI_MCA_rmaps_base_oversubscribe="1")
+    cmd = ["mpirun", "-np", "2", sys.executable, str(ROOT / "launch" / "mlm.py"), "--model_name_or_path", str(tiny_model),
+           "--ds_config", "ds_configs/zero2_auto.json", *stage_args("mlm", out, demo_files, 1)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert world_size(out) == 2 and max(steps_and_losses(out)) == 9
+    print(f"mpirun -np 2: 2 ranks, {time.time() - start:.0f}s")
+
+
+# --- two nodes (last: the cluster is restarted with n1, n2) ----------------------------------------
+
+@pytest.mark.slurm
+def test_two_nodes_four_ranks_and_hostfile(cluster, tmp_path, tiny_model, demo_files, base_env):
+    cluster.ensure(2)
+    start = time.time()
+    out = tmp_path / "mlm"
+    env = tiny_env(base_env, tiny_model)
+    hostfile = sbatch(["--nodes=2", "--ntasks-per-node=2", "--output=logs/hostfile-%j.out", "--wrap",
+                       f"{SLURM / 'hostfile.sh'} {tmp_path / 'hostfile'}"], tmp_path, env)
+    job = sbatch([*CPU_MODE, "--nodes=2", "--ntasks-per-node=2", SLURM / "mlm.sh", *stage_args("mlm", out, demo_files, 1)],
+                 tmp_path, env)
+    assert_completed(hostfile, timeout=60)
+    assert (tmp_path / "hostfile").read_text() == "n1 slots=2\nn2 slots=2\n"
+    log = assert_completed(job, timeout=300)
+    assert "on n[1-2]: 4 tasks" in log and "master 127.0.0.1:" in log  # n1 does not resolve: its NodeAddr
+    assert world_size(out) == 4
+    assert sorted(steps_and_losses(out)) == list(range(1, 10))  # the effective batch is fixed: 9 steps
+    print(f"2 nodes x 2 tasks: 4 ranks, {time.time() - start:.0f}s")
