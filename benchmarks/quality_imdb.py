@@ -57,7 +57,7 @@ def main() -> None:
     run(launcher + ["launch/finetune.py", "--model_name_or_path", "minilm-l6", "--data_files", str(train),
                     "--output_dir", str(args.out / "finetune"), "--overwrite_output_dir",
                     "--ds_config", "ds_configs/zero2_auto.json", "--max_seq_length", "256",
-                    "--truncation", "head+tail", "--head_tokens", "64", "--num_epochs", "2",
+                    "--truncation", "head+tail", "--head_tokens", "128", "--num_epochs", "2",
                     "--effective_batch_size", "16", "--micro_batch_size", str(16 // args.ranks),
                     # the plain loop's recipe: AdamW 5e-5, 10% warmup, linear decay, no gradient clipping
                     "--learning_rate", "5e-5", "--warmup", "0.1", "--max_grad_norm", "0", "--validation_split", "0",
