@@ -9,6 +9,7 @@ MPI launchers (DeepSpeed's mpi4py discovery), or default to a single process.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import socket
@@ -159,6 +160,18 @@ def _srun_env() -> None:
         env["MASTER_PORT"] = str(20000 + (job * 7 + int(step) + 1) % 20000)
 
 
+def _release_cpu_shm_buffer(rank: int) -> None:
+    """DeepSpeed's CPU shared-memory allreduce creates /dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_
+    <port>_<rank> (tens of MB per rank) and never unlinks it: without this, every CPU run leaks it
+    until the machine runs out of memory. Unlinking at exit is safe: peers have mapped it already."""
+    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+    try:
+        os.unlink(name)
+    except OSError:
+        pass
+
+
 def _cpu_threads(local_world_size: int) -> None:
     # Ranks on one CPU host share its cores; oversubscribing them makes every rank several times slower.
     if "OMP_NUM_THREADS" in os.environ:
@@ -183,6 +196,7 @@ def setup_distributed(timeout_minutes: float | None = None) -> DistInfo:
     rank, world = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if acc.device_name() == "cpu":
+        atexit.register(_release_cpu_shm_buffer, rank)
         # torchrun sets LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE
         _cpu_threads(int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or world))
         device = torch.device("cpu")

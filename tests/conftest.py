@@ -22,6 +22,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_shared_memory_leak():
+    """Ranks the tests kill (SIGKILL, crashes) cannot unlink DeepSpeed's /dev/shm allreduce buffers
+    (dapt unlinks them at a normal exit); remove what this session left behind."""
+    import glob
+
+    pattern = "/dev/shm/deepspeed_allreduce_buffer_*"
+    before = set(glob.glob(pattern))
+    yield
+    for leftover in set(glob.glob(pattern)) - before:
+        try:
+            os.unlink(leftover)
+        except OSError:
+            pass
+
+
 @pytest.fixture(scope="session")
 def base_env(tmp_path_factory) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
