@@ -312,12 +312,18 @@ def train_loop(cfg: TrainConfig, task: Task, engine: Any, info: DistInfo, state:
                 token_count += real_tokens(batch)  # counted on the host: no device sync
                 sample_count += batch["input_ids"].shape[0]
                 out = engine(**to_device(batch, info.device))
-                loss = out.loss_sum / norm if norm is not None else out.loss
+                if norm is not None:
+                    # the dense head (sparse_mlm_head off) returns a mean: scale it back to a sum
+                    targets = task.n_targets(batch)
+                    batch_sum = out.loss_sum if hasattr(out, "loss_sum") else out.loss * targets
+                    loss = batch_sum / norm
+                else:
+                    loss = out.loss
                 engine.backward(loss)
                 engine.step()
                 if norm is not None:
-                    loss_sum += out.loss_sum.detach().float()
-                    loss_count += task.n_targets(batch)
+                    loss_sum += batch_sum.detach().float()
+                    loss_count += targets
                 else:
                     loss_sum += out.loss.detach().float()
                     loss_count += 1

@@ -183,3 +183,22 @@ def test_no_shared_memory_left_behind(tmp_path, tiny_model, demo_files, base_env
     assert_ok(_mlm(tmp_path / "run", tiny_model, demo_files, base_env, "ds_configs/zero2_auto.json", "deepspeed",
                    epochs=1))
     assert set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*")) - before == set()
+
+
+def test_sparse_mlm_head_equals_the_dense_head_and_packing_can_be_off(tmp_path, tiny_model, demo_files, base_env):
+    """The speed switches change cost, not results: the sparse head (projection at masked positions
+    only) gives the dense head's per-step losses; unpacked MLM (padded rows) also trains."""
+    runs = {}
+    for name, flags in (("sparse", []), ("dense", ["--sparse_mlm_head", "false"]),
+                        ("unpacked", ["--packing", "false"])):
+        out = tmp_path / name
+        args = ["--model_name_or_path", tiny_model, "--data_files", demo_files["unlabelled"], "--output_dir", out,
+                "--ds_config", "ds_configs/zero2_auto.json", "--max_seq_length", "64", "--num_epochs", "1",
+                "--learning_rate", "1e-3", "--warmup", "0.1", "--validation_split", "0.1", *COMMON, *flags]
+        assert_ok(run_cli("mlm.py", args, base_env, ranks=2, launcher="deepspeed"))
+        runs[name] = {r["step"]: r for r in _jsonl(out / "metrics.jsonl")}
+    sparse = {s: r["loss"] for s, r in runs["sparse"].items() if "loss" in r}
+    dense = {s: r["loss"] for s, r in runs["dense"].items() if "loss" in r}
+    assert sparse.keys() == dense.keys() and max(abs(sparse[s] - dense[s]) for s in sparse) < 1e-4
+    unpacked = [r for r in runs["unpacked"].values() if "eval_loss" in r]
+    assert unpacked and 0 < unpacked[-1]["eval_loss"] < 11
