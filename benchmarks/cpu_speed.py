@@ -25,13 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from dapt.distributed import free_port  # noqa: E402
 
 
 def sample(data: Path, out: Path, n: int, seed: int) -> Path:

@@ -31,14 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-MEAN_TOKENS_IMDB = 314  # bert-base-uncased WordPiece, with [CLS]/[SEP] (../shared/data/README.md)
+from dapt.distributed import free_port  # noqa: E402
 
 
 def make_model(tokenizer_dir: str, out: Path, smoke: bool) -> Path:

@@ -16,7 +16,7 @@ import socket
 import subprocess
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -37,7 +37,7 @@ class DistInfo:
         return self.rank == 0
 
 
-def _free_port(addr: str = "127.0.0.1") -> int:
+def free_port(addr: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((addr, 0))
         return s.getsockname()[1]
@@ -60,7 +60,7 @@ def _single_process_env() -> str:
         return "mpi"
     env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     env.setdefault("MASTER_ADDR", "127.0.0.1")
-    env.setdefault("MASTER_PORT", str(_free_port()))
+    env.setdefault("MASTER_PORT", str(free_port()))
     return "single"
 
 
@@ -88,7 +88,7 @@ def _mpirun_env() -> None:
     if comm.Get_rank() == 0:
         addr = env.get("MASTER_ADDR") or env.get("DAPT_MASTER_ADDR") or (
             "127.0.0.1" if local_size == size else _host_address())
-        ours = (addr, env.get("MASTER_PORT") or str(_free_port(addr)))
+        ours = (addr, env.get("MASTER_PORT") or str(free_port(addr)))
     addr, port = comm.bcast(ours, root=0)
     env.update(MASTER_ADDR=addr, MASTER_PORT=port)
 
@@ -151,7 +151,7 @@ def _srun_env() -> None:
                                                               int(env.get("SLURM_NODEID", "0")))))
     if env["WORLD_SIZE"] == "1":  # a one-task step: nothing to agree on; a free port as for plain python
         env.setdefault("MASTER_ADDR", "127.0.0.1")
-        env.setdefault("MASTER_PORT", str(_free_port()))
+        env.setdefault("MASTER_PORT", str(free_port()))
     if "MASTER_ADDR" not in env:
         nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or ""
         env["MASTER_ADDR"] = _slurm_first_host(nodelist) if nodelist else "127.0.0.1"
@@ -211,21 +211,21 @@ def comm_device(info: DistInfo) -> torch.device:
     return torch.device("cpu") if info.backend == "gloo" else info.device
 
 
-def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    """Sum a tensor over all ranks (returns a new tensor on the tensor's original device)."""
+def _all_reduce(tensor: torch.Tensor, info: DistInfo, op: Any) -> torch.Tensor:
     if info.world_size == 1:
         return tensor.clone()
     t = tensor.to(comm_device(info)).clone()
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    dist.all_reduce(t, op=op)
     return t.to(tensor.device)
+
+
+def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Sum a tensor over all ranks (returns a new tensor on the tensor's original device)."""
+    return _all_reduce(tensor, info, dist.ReduceOp.SUM)
 
 
 def all_reduce_max(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    if info.world_size == 1:
-        return tensor.clone()
-    t = tensor.to(comm_device(info)).clone()
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.to(tensor.device)
+    return _all_reduce(tensor, info, dist.ReduceOp.MAX)
 
 
 def barrier() -> None:

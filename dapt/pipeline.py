@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Sequence
 
 from dapt.config import REPO_ROOT
+from dapt.distributed import free_port
 from dapt.errors import DaptError, cli_entry
 from dapt.metrics import format_table
 
@@ -37,15 +37,9 @@ def default_ranks() -> int:
     return 2 if acc.device_name() == "cpu" else max(1, acc.device_count())
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_stage(script: str, ranks: int, args: list[str]) -> None:
     launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
-    cmd = [launcher, "--num_gpus", str(ranks), "--master_port", str(_free_port()),
+    cmd = [launcher, "--num_gpus", str(ranks), "--master_port", str(free_port()),
            str(REPO_ROOT / "launch" / script), *args]
     print(f"\n==> {' '.join(cmd)}", flush=True)
     proc = subprocess.run(cmd, cwd=REPO_ROOT)
