@@ -305,16 +305,17 @@ def train_loop(cfg: TrainConfig, task: Task, engine: Any, info: DistInfo, state:
             if getattr(task, "global_loss_norm", False):
                 # All-reduced count of loss targets in this step: every masked token weighs the same,
                 # whichever rank or micro-batch it is in (DeepSpeed averages over ranks and micro-steps).
-                local = sum(task.n_targets(b) for b in step_batches)
+                counts = [task.n_targets(b) for b in step_batches]  # on the host, once per micro-batch
+                local = sum(counts)
                 total = float(all_reduce_sum(torch.tensor([float(local)]), info)[0])
                 norm = max(total, 1.0) / (info.world_size * accum)
-            for batch in step_batches:
+            for i, batch in enumerate(step_batches):
                 token_count += real_tokens(batch)  # counted on the host: no device sync
                 sample_count += batch["input_ids"].shape[0]
                 out = engine(**to_device(batch, info.device))
                 if norm is not None:
                     # the dense head (sparse_mlm_head off) returns a mean: scale it back to a sum
-                    targets = task.n_targets(batch)
+                    targets = counts[i]
                     batch_sum = out.loss_sum if hasattr(out, "loss_sum") else out.loss * targets
                     loss = batch_sum / norm
                 else:
