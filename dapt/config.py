@@ -122,6 +122,8 @@ class FinetuneConfig(TrainConfig):
     head_tokens: int = 128
     # Batches of similar length (sorted within large shuffled chunks; batch order stays random).
     length_bucketing: bool = True
+    # The last encoder layer computed for [CLS] only (the pooler reads nothing else).
+    cls_only_last_layer: bool = True
 
 
 @dataclass
@@ -136,6 +138,7 @@ class EvalConfig(DataConfig):
     head_tokens: int = 0  # 0 = as the model was trained
     # auto: bf16 (or fp16) autocast on GPUs that support it, fp32 on CPU.
     precision: str = "auto"
+    cls_only_last_layer: bool = True  # as in fine-tuning: the last layer for [CLS] only
     overwrite_output_dir: bool = False
     # Weights & Biases for the results (as in TrainConfig; a run of job type "evaluate").
     wandb_mode: str = "auto"

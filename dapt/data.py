@@ -241,7 +241,10 @@ def train_batches(n_examples: int, epoch: int, seed: int, rank: int, world_size:
 
     With `lengths` (length bucketing): chunks of `bucket_steps` effective batches are sorted by
     length, cut into steps, and the steps of a chunk shuffled; micro-batches then hold reviews of
-    similar length (little padding) while the batch order stays random.
+    similar length (little padding) while the batch order stays random. Within a step, micro-step i
+    takes the i-th sorted slice of world_size * micro examples and deals it round-robin to the ranks,
+    so every rank gets the same length range: a rank with the longest reviews would make the others
+    wait at each gradient all-reduce.
     """
     steps = steps_per_epoch(n_examples, effective)
     perm = torch.randperm(n_examples, generator=torch.Generator().manual_seed(batch_seed(seed, epoch)))
@@ -255,7 +258,9 @@ def train_batches(n_examples: int, epoch: int, seed: int, rank: int, world_size:
             groups = [chunk[k:k + effective] for k in range(0, len(chunk), effective)]
             for g in torch.randperm(len(groups), generator=gen).tolist():
                 order.extend(groups[g])
-        perm = torch.tensor(order, dtype=torch.long)
+        # [micro-step, example in the sorted slice] -> [micro-step, rank, example]
+        dealt = torch.tensor(order, dtype=torch.long).view(-1, micro, world_size).transpose(1, 2)
+        return dealt[:, rank, :].tolist()
     used = perm.view(-1, world_size, micro)
     return used[:, rank, :].tolist()
 

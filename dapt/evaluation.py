@@ -109,7 +109,7 @@ def build_eval_data(cfg: EvalConfig, info: DistInfo, tokenizer: Any) -> Any:
 
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
-    from dapt.models import load_classifier, load_tokenizer
+    from dapt.models import cls_only_last_layer, load_classifier, load_tokenizer
 
     cfg = parse_config(EvalConfig, "evaluate", argv)
     model_dir = resolve_model(cfg.model_name_or_path)
@@ -124,6 +124,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     tokenizer = load_tokenizer(model_dir)
     data = build_eval_data(cfg, info, tokenizer)
     model = load_classifier(model_dir).to(info.device).eval()
+    if cfg.cls_only_last_layer:
+        cls_only_last_layer(model)
 
     def forward(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         with autocast_for(precision, info.device):

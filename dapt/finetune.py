@@ -12,7 +12,7 @@ from dapt.distributed import DistInfo, main_process_first
 from dapt.errors import cli_entry
 from dapt.evaluation import score_classifier
 from dapt.manifest import load_prepared, stage_settings
-from dapt.models import load_classifier
+from dapt.models import cls_only_last_layer, load_classifier
 from dapt.training import run_stage
 
 
@@ -66,4 +66,9 @@ def build_task(cfg: FinetuneConfig, info: DistInfo, tokenizer: Any) -> Classific
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     cfg = parse_config(FinetuneConfig, "finetune", argv)
-    return run_stage(cfg, build_task, lambda path: load_classifier(path, cfg.attn_implementation))
+
+    def load(path: str) -> Any:
+        model = load_classifier(path, cfg.attn_implementation)
+        return cls_only_last_layer(model) if cfg.cls_only_last_layer else model
+
+    return run_stage(cfg, build_task, load)

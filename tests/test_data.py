@@ -161,6 +161,11 @@ def test_length_bucketing_keeps_batches_random_and_world_size_independent():
         # the examples of optimizer step s, gathered over ranks and micro-batches
         steps[world] = [sorted(i for r in range(world) for b in per_rank[r][s * accum:(s + 1) * accum] for i in b)
                         for s in range(n // eff)]
+        # balanced ranks: in each micro-step every rank's batch spans the same length range (each
+        # rank's longest review is at least every rank's shortest), so no rank waits for a longer one
+        for k in range(len(per_rank[0])):
+            spans = [(min(lengths[i] for i in b[k]), max(lengths[i] for i in b[k])) for b in per_rank]
+            assert min(hi for _, hi in spans) >= max(lo for lo, _ in spans)
     assert steps[1] == steps[2] == steps[4]
 
     def padding(batches):
