@@ -48,6 +48,11 @@ def load_ds_config(path: str) -> dict[str, Any]:
     if unknown:
         raise DaptError(f"DeepSpeed config {path}: unknown key '{unknown[0]}'")
     _check_sections(raw, path)
+    if zero_stage(raw) not in (1, 2, 3):
+        # Checkpoints, export (zero_to_fp32) and world-size changes (universal checkpoints) all read
+        # ZeRO's sharded layout; stage 0 writes another one.
+        raise DaptError(f"DeepSpeed config {path}: zero_optimization.stage must be 1, 2 or 3 "
+                        f"(got {zero_stage(raw)}); ZeRO-1 costs what plain data parallelism does")
     return raw
 
 

@@ -91,11 +91,16 @@ def test_ds_config_conflicts_and_unknown_keys(tmp_path):
     path = _ds(tmp_path, {"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 2}})
     with pytest.raises(DaptError, match="sets train_micro_batch_size_per_gpu=8 but the training config gives 16"):
         build_ds_config(cfg, load_ds_config(path), path, 1, 10)
-    path = _ds(tmp_path, {"optimizer": {"type": "Adam", "params": {"lr": 1e-3}}})
+    with pytest.raises(DaptError, match="zero_optimization.stage must be 1, 2 or 3 \\(got 0\\)"):
+        load_ds_config(_ds(tmp_path, {"zero_optimization": {"stage": 0}}))
+    with pytest.raises(DaptError, match="stage must be 1, 2 or 3 \\(got 0\\)"):
+        load_ds_config(_ds(tmp_path, {"bf16": {"enabled": True}}))  # no ZeRO section: stage 0
+    path = _ds(tmp_path, {"optimizer": {"type": "Adam", "params": {"lr": 1e-3}}, "zero_optimization": {"stage": 1}})
     with pytest.raises(DaptError, match="sets 'optimizer'"):
         build_ds_config(cfg, load_ds_config(path), path, 1, 10)
     # the same value, or "auto", is not a conflict
-    path = _ds(tmp_path, {"train_batch_size": 64, "gradient_accumulation_steps": "auto", "_doc": "comment"})
+    path = _ds(tmp_path, {"train_batch_size": 64, "gradient_accumulation_steps": "auto", "_doc": "comment",
+                          "zero_optimization": {"stage": 2}})
     assert build_ds_config(cfg, load_ds_config(path), path, 1, 10)["gradient_accumulation_steps"] == 4
 
 
