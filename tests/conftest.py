@@ -4,22 +4,17 @@ entry points as subprocesses (1 rank, or 2+ ranks under the deepspeed launcher o
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from dapt.distributed import free_port  # noqa: F401  (re-exported for the test modules)
+
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_IMDB = ROOT.parent / "shared" / "data" / "imdb"
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -65,7 +65,7 @@ def reference(classifier, demo_files):
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("world", [1, 2, 3])  # 3: uneven shards, and N < world for N = 1, 2
 def test_counts_are_exact_for_any_size_and_world(world, classifier, demo_files, reference, base_env, tmp_path):
     import subprocess
     import sys

@@ -172,8 +172,8 @@ def test_kill_during_save_keeps_latest_valid(tmp_path, tiny_model, demo_files, b
     assert "at step 2" in resumed.stdout
 
 
-@pytest.mark.parametrize("ds, before, after", [("ds_configs/zero2_auto.json", 2, 1), ("ds_configs/zero3_auto.json", 1, 2),
-                                               ("ds_configs/zero1_auto.json", 2, 1)])
+# ZeRO-1 shares ZeRO-2's optimizer class, checkpoint layout and universal conversion: not run separately.
+@pytest.mark.parametrize("ds, before, after", [("ds_configs/zero2_auto.json", 2, 1), ("ds_configs/zero3_auto.json", 1, 2)])
 def test_resume_on_another_world_size(ds, before, after, tmp_path, tiny_model, demo_files, base_env):
     out = tmp_path / "run"
     args = _args("mlm", out, tiny_model, demo_files, ds, epochs=2, extra=["--keep_last", "50"])
