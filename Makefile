@@ -10,6 +10,7 @@ PIP    := $(VENV)/bin/pip --disable-pip-version-check -q
 
 $(STAMP): setup.py Makefile
 	$(PYTHON) -m venv $(VENV)
+	# torch first, on its own: DeepSpeed ships as an sdist whose build imports torch
 	$(PIP) install "$(TORCH)"
 	# wandb (offline-mode tests) and gradio (the demo's headless test) are optional extras the tests use;
 	# mpi4py (a binary wheel; loads the system's MPI only under mpirun) for `mpirun`/`srun --mpi` launches

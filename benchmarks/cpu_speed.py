@@ -18,15 +18,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from dapt.distributed import free_port  # noqa: E402
+from common import ROOT, deepspeed_command, run_logged
 
 
 def sample(data: Path, out: Path, n: int, seed: int) -> Path:
@@ -74,17 +69,13 @@ def reference(stage: str, data: Path, model: str, max_length: int, batch: int, o
 def dapt_run(stage: str, data: Path, max_length: int, batch: int, out: Path, flags: list[str]) -> dict:
     """dapt on 2 ranks; seconds of the training loop (summary.json) and real tokens it trained on."""
     run_dir = out / f"dapt-{stage}-{'-'.join(f.strip('-') for f in flags) or 'all'}"
-    cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_port", str(free_port()), str(ROOT / "launch" / f"{stage}.py"),
+    cmd = [*deepspeed_command(f"{stage}.py", 2),
            "--model_name_or_path", "minilm-l6", "--data_files", str(data), "--output_dir", str(run_dir),
            "--overwrite_output_dir", "--ds_config", "ds_configs/zero2_auto.json", "--max_seq_length", str(max_length),
            "--num_epochs", "1", "--effective_batch_size", str(batch), "--micro_batch_size", str(batch // 2),
            "--learning_rate", "2e-5", "--warmup", "0", "--validation_split", "0", "--logging_steps", "1",
            "--save_steps", "0", *flags]
-    log = run_dir.with_suffix(".log")
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("w") as f:
-        if subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT).returncode:
-            sys.exit(f"dapt {stage} failed; see {log}")
+    run_logged(cmd, run_dir.with_suffix(".log"))
     summary = json.loads((run_dir / "summary.json").read_text())
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     tokens = sum(r["tokens_per_s"] * r["step_time_s"] for r in records if "tokens_per_s" in r)

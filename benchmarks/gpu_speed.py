@@ -23,15 +23,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from common import ROOT, deepspeed_command, run_logged
 
-from dapt.distributed import free_port  # noqa: E402
+# bert-base-uncased WordPiece tokens per review, with [CLS]/[SEP] (../shared/data/README.md). The
+# fine-tune projection uses it too although reviews are cut at 512 (mean ~275): slightly pessimistic.
+MEAN_TOKENS_IMDB = 314
 
 
 def make_model(tokenizer_dir: str, out: Path, smoke: bool) -> Path:
@@ -47,22 +46,14 @@ def make_model(tokenizer_dir: str, out: Path, smoke: bool) -> Path:
     return out
 
 
-def run(cmd: list[str], log: Path) -> None:
-    with log.open("w") as f:
-        if subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT).returncode:
-            sys.exit(f"failed: {' '.join(cmd)}; see {log}")
-
-
 def dapt_stage(stage: str, model: Path, data: Path, out: Path, args: argparse.Namespace, extra: list[str]) -> dict:
     run_dir = out / f"dapt-{stage}"
     ds = "ds_configs/zero2_auto.json" if args.smoke else "ds_configs/zero2_fp16.json"
-    cmd = [str(Path(sys.executable).with_name("deepspeed")) if Path(sys.executable).with_name("deepspeed").exists()
-           else "deepspeed", "--num_gpus", "1", "--master_port", str(free_port()), str(ROOT / "launch" / f"{stage}.py"),
-           "--model_name_or_path", str(model), "--data_files", str(data), "--output_dir", str(run_dir),
+    cmd = [*deepspeed_command(f"{stage}.py", 1), "--model_name_or_path", str(model), "--data_files", str(data), "--output_dir", str(run_dir),
            "--overwrite_output_dir", "--ds_config", ds, "--max_seq_length", str(args.max_length),
            "--num_epochs", "1", "--effective_batch_size", "64", "--micro_batch_size", str(args.micro),
            "--warmup", "0", "--validation_split", "0", "--logging_steps", "5", "--save_steps", "0", *extra]
-    run(cmd, out / f"dapt-{stage}.log")
+    run_logged(cmd, out / f"dapt-{stage}.log")
     recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steady = [r for r in recs if "tokens_per_s" in r][1:] or [r for r in recs if "tokens_per_s" in r]
     return {"tokens_per_s": sum(r["tokens_per_s"] for r in steady) / len(steady),
@@ -159,8 +150,7 @@ def main() -> None:
                                       samples + ["--head_tokens", str(min(128, args.max_length // 4))])
     res["finetune_reference"] = reference("finetune", model, train, args.out, args)
     start = time.perf_counter()
-    run([str(Path(sys.executable).with_name("deepspeed")) if Path(sys.executable).with_name("deepspeed").exists()
-         else "deepspeed", "--num_gpus", "1", "--master_port", str(free_port()), str(ROOT / "launch" / "evaluate.py"), "--model_name_or_path",
+    run_logged([*deepspeed_command("evaluate.py", 1), "--model_name_or_path",
          str(args.out / "dapt-finetune"), "--data_files", str(test), "--output_dir", str(args.out / "eval"),
          "--overwrite_output_dir", "--eval_batch_size", "256"] + (samples if args.smoke else []),
         args.out / "eval.log")

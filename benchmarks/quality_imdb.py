@@ -12,14 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pandas as pd
 
-ROOT = Path(__file__).resolve().parent.parent
+from common import ROOT, deepspeed_command, run_logged
 
 
 def sample(data: Path, out: Path, seed: int) -> tuple[Path, Path]:
@@ -36,14 +35,6 @@ def sample(data: Path, out: Path, seed: int) -> tuple[Path, Path]:
     return paths
 
 
-def run(cmd: list[str], log: Path) -> None:
-    print("+", " ".join(cmd), flush=True)
-    with log.open("w") as f:
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
-    if proc.returncode:
-        sys.exit(f"command failed ({proc.returncode}); see {log}")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "imdb")
@@ -54,9 +45,8 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     train, test = sample(args.data, args.out / "data", args.seed)
-    launcher = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", str(args.ranks)]
     start = time.perf_counter()
-    run(launcher + ["launch/finetune.py", "--model_name_or_path", "minilm-l6", "--data_files", str(train),
+    run_logged([*deepspeed_command("finetune.py", args.ranks), "--model_name_or_path", "minilm-l6", "--data_files", str(train),
                     "--output_dir", str(args.out / "finetune"), "--overwrite_output_dir",
                     "--ds_config", "ds_configs/zero2_auto.json", "--max_seq_length", "256",
                     "--truncation", "head+tail", "--head_tokens", "128", "--num_epochs", "2",
@@ -66,7 +56,7 @@ def main() -> None:
                     "--logging_steps", "25", "--seed", str(args.seed), *args.finetune_flags],
         args.out / "finetune.log")
     train_s = time.perf_counter() - start
-    run(launcher + ["launch/evaluate.py", "--model_name_or_path", str(args.out / "finetune"),
+    run_logged([*deepspeed_command("evaluate.py", args.ranks), "--model_name_or_path", str(args.out / "finetune"),
                     "--data_files", str(test), "--output_dir", str(args.out / "eval"),
                     "--overwrite_output_dir"], args.out / "eval.log")
     total_s = time.perf_counter() - start

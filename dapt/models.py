@@ -95,9 +95,9 @@ def cls_only_last_layer(model: Any) -> Any:
     if not (hasattr(model, "classifier") and all(hasattr(sa, k) for k in ("query", "key", "value", "dropout"))):
         return model
 
-    def forward(hidden_states: Any, attention_mask: Any = None, *args: Any, **kwargs: Any) -> Any:
-        import torch.nn.functional as F
+    import torch.nn.functional as F
 
+    def forward(hidden_states: Any, attention_mask: Any = None, *args: Any, **kwargs: Any) -> Any:
         cls = hidden_states[:, :1]
         batch, length, _ = hidden_states.shape
 

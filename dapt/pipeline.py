@@ -37,10 +37,15 @@ def default_ranks() -> int:
     return 2 if acc.device_name() == "cpu" else max(1, acc.device_count())
 
 
-def run_stage(script: str, ranks: int, args: list[str]) -> None:
+def deepspeed_command(script: str, ranks: int) -> list[str]:
+    """`deepspeed --num_gpus N --master_port <free port> launch/<script>`, with the launcher beside
+    this interpreter (a venv), else the one on PATH."""
     launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
-    cmd = [launcher, "--num_gpus", str(ranks), "--master_port", str(free_port()),
-           str(REPO_ROOT / "launch" / script), *args]
+    return [launcher, "--num_gpus", str(ranks), "--master_port", str(free_port()), str(REPO_ROOT / "launch" / script)]
+
+
+def run_stage(script: str, ranks: int, args: list[str]) -> None:
+    cmd = [*deepspeed_command(script, ranks), *args]
     print(f"\n==> {' '.join(cmd)}", flush=True)
     proc = subprocess.run(cmd, cwd=REPO_ROOT)
     if proc.returncode:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from dapt.distributed import free_port  # noqa: F401  (re-exported for the test modules)
+from dapt.pipeline import deepspeed_command
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_IMDB = ROOT.parent / "shared" / "data" / "imdb"
@@ -78,7 +79,7 @@ def run_cli(script: str, args: list[str], env: dict[str, str], ranks: int = 1, l
     """Run launch/<script> for real: `python`, `deepspeed --num_gpus N` or `torchrun --nproc_per_node N`."""
     path = str(ROOT / "launch" / script)
     if launcher == "deepspeed":
-        cmd = [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port()), path]
+        cmd = deepspeed_command(script, ranks)
     elif launcher == "torchrun":
         cmd = [str(BIN / "torchrun"), "--nproc_per_node", str(ranks), "--master_port", str(free_port()), path]
     else:

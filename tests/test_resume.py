@@ -7,15 +7,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import psutil
 import pytest
 import torch
 
-from conftest import BIN, ROOT, assert_ok, free_port, run_cli
+from conftest import ROOT, assert_ok, deepspeed_command, run_cli
 
 pytestmark = [pytest.mark.resume, pytest.mark.dist]
 EXIT_REQUEUE = 75
@@ -111,8 +109,7 @@ def _wait_for_step(out, step, proc, timeout=120):
 
 
 def _start(stage, out, tiny_model, demo_files, base_env, ds="ds_configs/zero2_auto.json", epochs=30):
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), str(ROOT / "launch" / f"{stage}.py"),
-           *map(str, _args(stage, out, tiny_model, demo_files, ds, epochs=epochs, extra=["--save_steps", "0"]))]
+    cmd = [*deepspeed_command(f"{stage}.py", 2), *map(str, _args(stage, out, tiny_model, demo_files, ds, epochs=epochs, extra=["--save_steps", "0"]))]
     return subprocess.Popen(cmd, env=base_env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
