@@ -16,7 +16,7 @@ from typing import Any, Sequence, TypeVar
 
 import yaml
 
-from dapt.errors import DaptError
+from dapt.errors import DaptError, first_line
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("mlm", "finetune", "evaluate", "export")
@@ -197,7 +197,7 @@ def _read_recipe(path: str, stage: str, cls: type) -> dict[str, Any]:
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise DaptError(f"config file {path} is not valid YAML/JSON: {str(exc).splitlines()[0]}") from None
+        raise DaptError(f"config file {path} is not valid YAML/JSON: {first_line(exc)}") from None
     if not isinstance(data, dict):
         raise DaptError(f"config file {path} must hold a mapping of field names to values")
     known_anywhere = {f.name for c in STAGE_CONFIGS.values() for f in dataclasses.fields(c)}

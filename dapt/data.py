@@ -162,20 +162,32 @@ def truncate_ids(ids: list[int], budget: int, strategy: str, head_tokens: int) -
     return ids[:head_tokens] + ids[len(ids) - tail:]
 
 
-def tokenize_for_classification(ds: Any, tokenizer: Any, max_seq_length: int, strategy: str,
-                                head_tokens: int, num_proc: int | None = None) -> Any:
+def encode_for_classification(tokenizer: Any, texts: Sequence[str], max_seq_length: int, strategy: str,
+                              head_tokens: int) -> tuple[list[list[int]], list[int]]:
+    """[CLS] + truncated ids + [SEP] per cleaned text, and each text's token count before truncation
+    (with the two special tokens). Training, evaluation and prediction all cut reviews here."""
+    cls_id, sep_id = _cls_sep(tokenizer)
+    budget = max_seq_length - 2  # [CLS] ... [SEP]
+    enc = tokenizer([clean_text(t) for t in texts], add_special_tokens=False, truncation=False,
+                    return_attention_mask=False, return_token_type_ids=False, verbose=False)["input_ids"]
+    return [[cls_id, *truncate_ids(ids, budget, strategy, head_tokens), sep_id] for ids in enc], [len(ids) + 2 for ids in enc]
+
+
+def _cls_sep(tokenizer: Any) -> tuple[int, int]:
     if tokenizer.cls_token_id is None or tokenizer.sep_token_id is None:
         raise DaptError("the tokenizer has no [CLS]/[SEP] tokens (a BERT-family tokenizer is needed)")
-    cls_id, sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
-    budget = max_seq_length - 2  # [CLS] ... [SEP]
+    return tokenizer.cls_token_id, tokenizer.sep_token_id
+
+
+def tokenize_for_classification(ds: Any, tokenizer: Any, max_seq_length: int, strategy: str,
+                                head_tokens: int, num_proc: int | None = None) -> Any:
+    _cls_sep(tokenizer)  # a clear error before the map, not from inside a worker
 
     def encode(batch: dict[str, list]) -> dict[str, list]:
-        enc = tokenizer([clean_text(t) for t in batch["text"]], add_special_tokens=False, truncation=False,
-                        return_attention_mask=False, return_token_type_ids=False, verbose=False)
-        out = [[cls_id, *truncate_ids(ids, budget, strategy, head_tokens), sep_id] for ids in enc["input_ids"]]
+        out, n_tokens = encode_for_classification(tokenizer, batch["text"], max_seq_length, strategy, head_tokens)
         return {"input_ids": out, "length": [len(x) for x in out],
-                "truncated": [len(ids) > budget for ids in enc["input_ids"]],
-                "n_tokens": [len(ids) + 2 for ids in enc["input_ids"]]}  # before truncation (data summaries)
+                "truncated": [n > max_seq_length for n in n_tokens],
+                "n_tokens": n_tokens}  # before truncation (data summaries)
 
     return ds.map(encode, batched=True, remove_columns=["text"], desc="tokenize", num_proc=_procs(num_proc))
 

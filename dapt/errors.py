@@ -17,6 +17,12 @@ class DaptError(Exception):
     """An error caused by the user's input; its message is shown as one line."""
 
 
+def first_line(exc: BaseException) -> str:
+    """A third-party exception's message cut to its first line (its type name if it has none)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def cli_entry(main: Callable[..., T]) -> Callable[..., T]:
     """Wrap a command's main(): DaptError -> `dapt: error: ...` and exit code 2."""
 

@@ -40,15 +40,21 @@ def stage_settings(cfg: Any, stage: str, tokenizer: Any) -> dict[str, Any]:
     return settings
 
 
+def hash_file(path: Path, h: Any) -> Any:
+    """Feed a file's bytes to hash object `h` in 4 MiB chunks; returns `h`."""
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h
+
+
 def content_fingerprint(root: Path, splits: list[str]) -> str:
     """sha256 over the Arrow files of every split: a changed or partly copied directory shows."""
     h = hashlib.sha256()
     for split in sorted(splits):
         for f in sorted((root / split).glob("*.arrow")):
             h.update(f"{split}/{f.name}\0".encode())
-            with f.open("rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 22), b""):
-                    h.update(chunk)
+            hash_file(f, h)
     return h.hexdigest()
 
 

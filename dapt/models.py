@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from dapt.config import ID2LABEL
-from dapt.errors import DaptError
+from dapt.errors import DaptError, first_line
 
 # Models that ship inside PyPI packages (usable with no hub access): alias -> (module, path function).
 PACKAGED_MODELS = {
@@ -53,8 +53,7 @@ def _load(what: str, name: str, fn: Any, **kwargs: Any) -> Any:
     try:
         return fn(name, **kwargs)
     except (OSError, ValueError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise DaptError(f"cannot load {what} '{name}': {first}") from None
+        raise DaptError(f"cannot load {what} '{name}': {first_line(exc)}") from None
 
 
 def load_tokenizer(name: str) -> Any:

@@ -18,7 +18,7 @@ from typing import Any, Iterable, Sequence, TextIO
 
 import torch
 
-from dapt.errors import DaptError, cli_entry
+from dapt.errors import DaptError, cli_entry, first_line
 
 
 def truncation_settings(tokenizer: Any, config: Any) -> dict[str, Any]:
@@ -60,7 +60,7 @@ class Predictor:
         try:
             model = AutoModelForSequenceClassification.from_pretrained(str(path))
         except (OSError, ValueError) as exc:
-            raise DaptError(f"cannot load a classifier from {model_dir}: {str(exc).splitlines()[0]}") from None
+            raise DaptError(f"cannot load a classifier from {model_dir}: {first_line(exc)}") from None
         if device is None:
             from deepspeed.accelerator import get_accelerator
 
@@ -73,14 +73,11 @@ class Predictor:
         self.model_dir = path
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
-        from dapt.data import clean_text, truncate_ids
+        from dapt.data import encode_for_classification
 
-        tok, s = self.tokenizer, self.settings
-        budget = s["max_seq_length"] - 2
-        enc = tok([clean_text(t) for t in texts], add_special_tokens=False, truncation=False,
-                  return_attention_mask=False, return_token_type_ids=False, verbose=False)["input_ids"]
-        return [[tok.cls_token_id, *truncate_ids(ids, budget, s["truncation"], s["head_tokens"]), tok.sep_token_id]
-                for ids in enc]
+        s = self.settings
+        return encode_for_classification(self.tokenizer, texts, s["max_seq_length"], s["truncation"],
+                                         s["head_tokens"])[0]
 
     @torch.no_grad()
     def probabilities(self, texts: Sequence[str], batch_size: int = 32) -> torch.Tensor:

@@ -27,7 +27,7 @@ from dapt.config import STAGE_CONFIGS, _OneLineParser, dump_json, parse_config, 
 from dapt.data import clean_text, split_validation, tokenize_for_mlm
 from dapt.distributed import DistInfo
 from dapt.errors import DaptError, cli_entry
-from dapt.manifest import FORMAT, FORMAT_VERSION, MANIFEST, content_fingerprint, stage_settings
+from dapt.manifest import FORMAT, FORMAT_VERSION, MANIFEST, content_fingerprint, hash_file, stage_settings
 from dapt.sources import SourceReport, aclimdb_root, load_source
 from dapt.version import __version__
 
@@ -169,11 +169,7 @@ def _with_sha256(entry: dict[str, Any]) -> dict[str, Any]:
     path = Path(entry.get("path", ""))
     if entry.get("bytes") is None or not path.is_file():
         return entry
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return {**entry, "sha256": h.hexdigest()}
+    return {**entry, "sha256": hash_file(path, hashlib.sha256()).hexdigest()}
 
 
 def write_atomically(out: Path, splits: dict[str, Any], manifest: dict[str, Any]) -> None:

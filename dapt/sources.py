@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from dapt.config import ID2LABEL, DataConfig
-from dapt.errors import DaptError
+from dapt.errors import DaptError, first_line
 from dapt.version import __version__
 
 TABLE_FORMATS = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "json"}
@@ -136,8 +136,8 @@ def expand_inputs(paths: Sequence[str]) -> list[tuple[str, Path]]:
 
 
 def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+    text = first_line(exc)
+    return text if text == type(exc).__name__ else f"{type(exc).__name__}: {text}"
 
 
 def read_parquet(path: Path, needed: Sequence[str], decoder: _Decoder) -> Part:
@@ -281,8 +281,8 @@ def read_hub(cfg: DataConfig, needed: Sequence[str]) -> tuple[Part, str]:
     try:
         ds = datasets.load_dataset(cfg.dataset_name, split=cfg.dataset_split)
     except Exception as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise DaptError(f"cannot load dataset {source} (offline? pass local files with --data_files): {first}") from None
+        raise DaptError(f"cannot load dataset {source} (offline? pass local files with --data_files): "
+                        f"{first_line(exc)}") from None
     columns = {c: ds[c] for c in needed if c in ds.column_names}
     return Part(source, columns, list(ds.column_names)), ds._fingerprint
 

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, TextIO
 
-from dapt.errors import DaptError
+from dapt.errors import DaptError, first_line
 
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 PROGRESS_MODES = ("auto", "bar", "lines")
@@ -96,7 +96,7 @@ class WandbRun:
         try:
             return fn(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - W&B must never kill training
-            _warn(f"W&B {what} failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+            _warn(f"W&B {what} failed ({type(exc).__name__}: {first_line(exc)}); "
                   f"W&B is off for the rest of this run (the local metrics.jsonl is complete)")
             self.run = None
             return None
@@ -168,8 +168,7 @@ def start_wandb(mode: str, *, project: str, group: str | None, name: str, job_ty
             id_file.write_text(run.id + "\n")
         return WandbRun(run)
     except Exception as exc:  # noqa: BLE001 - W&B must never kill training
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        _warn(f"W&B ({mode}) could not start ({type(exc).__name__}: {first}); training goes on without it")
+        _warn(f"W&B ({mode}) could not start ({type(exc).__name__}: {first_line(exc)}); training goes on without it")
         return WandbRun(None)
 
 
