@@ -27,7 +27,7 @@ setup(
         "matplotlib",  # dapt report
     ],
     extras_require={
-        "test": ["pytest>=7", "scikit-learn"],
+        "test": ["pytest>=7", "scikit-learn", "selenium"],  # selenium: the demo page in headless Chromium
         "mpi": ["mpi4py"],
         "wandb": ["wandb"],
         "demo": ["gradio"],  # dapt demo: the Gradio page

@@ -37,8 +37,15 @@ def reference(stage: str, data: Path, model: str, max_length: int, batch: int, o
     """HF Trainer, as the reference recipe writes it. Returns seconds and real tokens of one epoch."""
     import datasets
     import torch
-    from transformers import (AutoModelForMaskedLM, AutoModelForSequenceClassification, AutoTokenizer,
-                              DataCollatorForLanguageModeling, Trainer, TrainingArguments, default_data_collator)
+    from transformers import (
+        AutoModelForMaskedLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorForLanguageModeling,
+        Trainer,
+        TrainingArguments,
+        default_data_collator,
+    )
 
     tok = AutoTokenizer.from_pretrained(model)
     ds = datasets.load_dataset("parquet", data_files=str(data), split="train")
@@ -93,7 +100,7 @@ def main() -> None:
     ap.add_argument("--stages", nargs="+", choices=["mlm", "finetune"], default=["mlm", "finetune"])
     args = ap.parse_args()
     os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    from dapt.models import resolve_model
+    from dapt.model.loading import resolve_model
 
     model = resolve_model("minilm-l6")
     data = sample(args.data, args.out, args.reviews, seed=0)

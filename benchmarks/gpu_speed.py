@@ -63,9 +63,16 @@ def dapt_stage(stage: str, model: Path, data: Path, out: Path, args: argparse.Na
 def reference(stage: str, model: Path, data: Path, out: Path, args: argparse.Namespace) -> dict:
     import datasets
     import torch
-    from transformers import (AutoModelForMaskedLM, AutoModelForSequenceClassification, AutoTokenizer,
-                              DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments,
-                              default_data_collator)
+    from transformers import (
+        AutoModelForMaskedLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorForLanguageModeling,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+        default_data_collator,
+    )
 
     tok = AutoTokenizer.from_pretrained(model)
     ds = datasets.load_dataset("parquet", data_files=str(data), split="train").select(range(args.samples))
@@ -126,7 +133,7 @@ def main() -> None:
     os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.tokenizer:
-        from dapt.models import resolve_model
+        from dapt.model.loading import resolve_model
 
         args.tokenizer = resolve_model("minilm-l6")
     import torch
@@ -136,7 +143,7 @@ def main() -> None:
     train, test = args.data / "train.parquet", args.data / "test.parquet"
     peak = args.peak_tflops
     if not peak and torch.cuda.is_available():
-        from dapt.training import PEAK_TFLOPS
+        from dapt.observe.throughput import PEAK_TFLOPS
 
         peak = next((v for k, v in PEAK_TFLOPS.items() if k in card), 0.0)
     res: dict = {"card": card, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),

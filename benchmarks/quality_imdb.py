@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import pandas as pd
-
 from common import ROOT, deepspeed_command, run_logged
 
 

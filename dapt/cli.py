@@ -4,6 +4,7 @@
                                                     launcher: `deepspeed --num_gpus 8 $(which dapt) mlm ...`)
     dapt pipeline --demo --output_dir runs/demo     MLM -> fine-tune -> evaluate -> export, locally
     dapt report RUN_DIR                             PNG plots + Markdown summary of a run
+    python -m dapt <command> ...                    the same, without the console script
     dapt predict --model DIR "text" ...             label and score per text
     dapt demo --model DIR                           the Gradio demo (pip install -e '.[demo]')
 """
@@ -11,30 +12,33 @@ from __future__ import annotations
 
 import importlib
 import sys
-from typing import Any, Sequence
+from typing import Sequence
 
 from dapt.version import __version__
 
+# command -> help; each is dapt/commands/<command>.py with a main(argv)
 COMMANDS = {
-    "mlm": ("dapt.mlm", "stage 1: masked-language-model pretraining"),
-    "finetune": ("dapt.finetune", "stage 2: sentiment fine-tuning"),
-    "evaluate": ("dapt.evaluation", "exact distributed evaluation"),
-    "export": ("dapt.export", "checkpoint -> Hugging Face model folder"),
-    "prepare": ("dapt.prepare", "tokenise and pack data once, offline"),
-    "pipeline": ("dapt.pipeline", "the whole pipeline on this machine"),
-    "report": ("dapt.report", "plots and a Markdown summary of a run"),
-    "predict": ("dapt.predict", "classify texts with an exported model"),
-    "demo": ("dapt.app", "Gradio demo of an exported model"),
+    "prepare": "tokenise and pack data once, offline",
+    "mlm": "stage 1: masked-language-model pretraining",
+    "finetune": "stage 2: sentiment fine-tuning",
+    "evaluate": "exact distributed evaluation",
+    "export": "checkpoint -> Hugging Face model folder",
+    "pipeline": "the whole pipeline on this machine",
+    "report": "plots and a Markdown summary of a run",
+    "predict": "classify texts with an exported model",
+    "demo": "Gradio demo of an exported model",
 }
 
 
 def usage() -> str:
     width = max(len(c) for c in COMMANDS)
     return ("usage: dapt <command> [args...]   (dapt <command> --help for its options)\n\ncommands:\n"
-            + "\n".join(f"  {c:<{width}}  {h}" for c, (_, h) in COMMANDS.items()))
+            + "\n".join(f"  {c:<{width}}  {h}" for c, h in COMMANDS.items()))
 
 
-def main(argv: Sequence[str] | None = None) -> Any:
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. Returns 0: the console script exits with main()'s value, so a command's own
+    return value (results, paths) must not reach it."""
     args = list(sys.argv[1:] if argv is None else argv)
     # The deepspeed launcher puts --local_rank=N right after the script (before the command): move it
     # to the command's arguments, where the stages accept (and ignore) it.
@@ -42,17 +46,17 @@ def main(argv: Sequence[str] | None = None) -> Any:
     args = args[len(launcher_args):] + launcher_args
     if not args or args[0] in ("-h", "--help", "help"):
         print(usage())
-        return None
+        return 0
     if args[0] in ("-V", "--version"):
         print(f"dapt {__version__}")
-        return None
+        return 0
     command, rest = args[0], args[1:]
     if command not in COMMANDS:
         print(f"dapt: error: unknown command '{command}'\n{usage()}", file=sys.stderr)
         sys.exit(2)
-    module = importlib.import_module(COMMANDS[command][0])
-    return module.main(rest)
+    importlib.import_module(f"dapt.commands.{command}").main(rest)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

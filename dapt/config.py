@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
+import importlib.util
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,8 @@ class DataConfig:
     dataset_name: str = "stanfordnlp/imdb"
     dataset_split: str = "train"
     text_column: str = "text"
+    # A column of example ids carried into per-example predictions when the input has it ("" = none).
+    id_column: str = "id"
     max_seq_length: int = 512
     max_samples: int = 0  # 0 = all; otherwise a seeded random subset (quick runs, benchmarks)
     # A directory written by launch/prepare.py: the stage reads its tokenised splits (no loading, no
@@ -78,6 +81,12 @@ class TrainConfig(DataConfig):
     logging_steps: int = 50
     eval_steps: int = 0  # 0 = evaluate at the end of each epoch only
     num_workers: int = 0  # DataLoader workers per rank
+    # Best-checkpoint selection on the held-out split (dapt/train/selection.py): none (export the last
+    # step; the default, as the reference recipe), fine-tune: accuracy or f1_macro, MLM: loss. The best
+    # checkpoint is pinned and exported. Early stopping after this many evaluations without improvement
+    # (0 = off; needs select_best).
+    select_best: str = "none"
+    early_stopping_patience: int = 0
     # Checkpoints: every save_steps optimizer steps (0 = only at epoch ends and on a stop signal),
     # the newest keep_last kept plus pinned tags. resume: auto (latest complete checkpoint in
     # output_dir, if any), never (fresh start; an existing run needs --overwrite_output_dir), or a path.
@@ -138,6 +147,14 @@ class EvalConfig(DataConfig):
     head_tokens: int = 0  # 0 = as the model was trained
     # auto: bf16 (or fp16) autocast on GPUs that support it, fp32 on CPU.
     precision: str = "auto"
+    # Several test sets in one job: NAME=PATH entries (PATH: files or folders as for data_files); each is
+    # scored and written to eval_results-<NAME>.json, with one combined eval_table.md. Empty: one set,
+    # the data options above, named eval_name (default: from the data, e.g. imdb-test).
+    eval_sets: list[str] = field(default_factory=list)
+    eval_name: str = ""
+    # predictions.jsonl (predictions-<NAME>.jsonl): every example once, in input order, with its row, id
+    # (id_column), label, predicted label and class probabilities.
+    save_predictions: bool = False
     cls_only_last_layer: bool = True  # as in fine-tuning: the last layer for [CLS] only
     overwrite_output_dir: bool = False
     # Weights & Biases for the results (as in TrainConfig; a run of job type "evaluate").
@@ -220,14 +237,16 @@ def _read_recipe(path: str, stage: str, cls: type) -> dict[str, Any]:
     return values
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str) -> typing.NoReturn:  # argparse prints usage + error; we want one line
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as one DaptError line instead of usage + message."""
+
+    def error(self, message: str) -> typing.NoReturn:
         raise DaptError(f"{self.prog}: {message}")
 
 
 def parse_config(cls: type[C], stage: str, argv: Sequence[str] | None = None) -> C:
     """Build a stage config from defaults, an optional recipe file and command-line flags."""
-    parser = _OneLineParser(prog=stage, allow_abbrev=False, description=cls.__doc__)
+    parser = OneLineParser(prog=stage, allow_abbrev=False, description=cls.__doc__)
     parser.add_argument("--config", help="recipe file (YAML/JSON)")
     # The deepspeed launcher appends --local_rank=N; the rank itself is read from the environment.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -261,72 +280,127 @@ STAGE_CONFIGS: dict[str, type] = {
 }
 
 
+def _range(cfg: Any, name: str, low: float, high: float | None = None, low_open: bool = False,
+           high_open: bool = True, note: str = "") -> None:
+    """One numeric field's range, as one line naming the field, the range and the value."""
+    value = getattr(cfg, name)
+    ok = (value > low if low_open else value >= low) and (
+        high is None or (value < high if high_open else value <= high))
+    if not ok:
+        if high is None:
+            want = f"> {low}" if low_open else f">= {low}"
+        else:
+            want = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise DaptError(f"{name} must be {want}{note}, got {value}")
+
+
+def _validate_data(cfg: DataConfig) -> None:
+    if isinstance(cfg, TrainConfig) or cfg.max_seq_length:  # evaluation: 0 = as the model was trained
+        _range(cfg, "max_seq_length", 8, note=" (0 = as trained, evaluation only)" if not isinstance(
+            cfg, TrainConfig) else "")
+    _range(cfg, "max_samples", 0, note=" (0 = all)")
+    _range(cfg, "num_proc", 1)
+    if cfg.prepared_dir and cfg.data_files:
+        raise DaptError("pass either --prepared_dir or --data_files, not both (a prepared directory holds its data)")
+    if cfg.empty_texts not in ("error", "drop"):
+        raise DaptError(f"empty_texts must be error or drop, got {cfg.empty_texts!r}")
+    if cfg.encoding_errors not in ("error", "replace"):
+        raise DaptError(f"encoding_errors must be error or replace, got {cfg.encoding_errors!r}")
+    for entry in cfg.label_map:
+        name, _, value = entry.partition("=")
+        if not name.strip() or value.strip() not in {str(k) for k in ID2LABEL}:
+            raise DaptError(f"label_map entries are name=id with id in {sorted(ID2LABEL)}, got {entry!r}")
+
+
+def _validate_training(cfg: TrainConfig) -> None:
+    for name in ("effective_batch_size", "micro_batch_size", "eval_batch_size", "num_epochs", "logging_steps",
+                 "keep_last"):
+        _range(cfg, name, 1)
+    for name in ("eval_steps", "save_steps", "num_workers", "weight_decay", "peak_tflops"):
+        _range(cfg, name, 0)
+    _range(cfg, "max_grad_norm", 0, note=" (0 = no clipping)")
+    _range(cfg, "learning_rate", 0, low_open=True)
+    _range(cfg, "adam_epsilon", 0, low_open=True)
+    _range(cfg, "adam_beta1", 0, 1)
+    _range(cfg, "adam_beta2", 0, 1)
+    _range(cfg, "seed", 0, 2**32)  # numpy's seed range
+    _range(cfg, "validation_split", 0, 1)
+    if cfg.warmup < 0 or (1 <= cfg.warmup and not float(cfg.warmup).is_integer()):
+        raise DaptError(f"warmup must be a step count (>= 1) or a fraction in [0, 1), got {cfg.warmup}")
+    if not cfg.resume:
+        raise DaptError("resume must be auto, never or a checkpoint path")
+    if cfg.attn_implementation not in ("sdpa", "eager"):
+        raise DaptError(f"attn_implementation must be sdpa or eager, got {cfg.attn_implementation!r}")
+    if cfg.progress not in ("auto", "bar", "lines"):
+        raise DaptError(f"progress must be auto, bar or lines, got {cfg.progress!r}")
+    if isinstance(cfg, MLMConfig):
+        _range(cfg, "mlm_probability", 0, 1, low_open=True)
+    metrics = ("none", "loss") if isinstance(cfg, MLMConfig) else ("none", "accuracy", "f1_macro")
+    if cfg.select_best not in metrics:
+        raise DaptError(f"select_best must be one of {', '.join(metrics)} for this stage, got {cfg.select_best!r}")
+    _range(cfg, "early_stopping_patience", 0, note=" (0 = off)")
+    if cfg.early_stopping_patience and cfg.select_best == "none":
+        raise DaptError("early_stopping_patience needs a metric to watch: pass --select_best "
+                        f"{metrics[1]}")
+    if cfg.select_best != "none" and cfg.validation_split == 0:
+        raise DaptError("select_best needs held-out data: validation_split must be > 0")
+
+
+def _validate_truncation(cfg: FinetuneConfig | EvalConfig) -> None:
+    if cfg.truncation and cfg.truncation not in TRUNCATIONS:
+        raise DaptError(f"truncation must be one of {', '.join(TRUNCATIONS)}, got {cfg.truncation!r}")
+    _range(cfg, "head_tokens", 0)
+    budget = cfg.max_seq_length - 2
+    if cfg.truncation == "head+tail" and cfg.max_seq_length and not 0 < cfg.head_tokens < budget:
+        raise DaptError(f"head_tokens must be between 1 and max_seq_length - 3 = {budget - 1} for head+tail, "
+                        f"got {cfg.head_tokens}")
+
+
+def _validate_wandb(cfg: TrainConfig | EvalConfig) -> None:
+    if cfg.wandb_mode not in ("auto", "online", "offline", "disabled"):
+        raise DaptError(f"wandb_mode must be auto, online, offline or disabled, got {cfg.wandb_mode!r}")
+    if cfg.wandb_mode in ("online", "offline") and importlib.util.find_spec("wandb") is None:
+        raise DaptError(f"wandb_mode {cfg.wandb_mode} needs the wandb package: pip install 'dapt[wandb]'")
+
+
+SET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def _validate_eval_sets(cfg: EvalConfig) -> None:
+    names = []
+    for entry in cfg.eval_sets:
+        name, sep, path = entry.partition("=")
+        if not sep or not SET_NAME.fullmatch(name) or not path:
+            raise DaptError(f"eval_sets entries are NAME=PATH with NAME of letters, digits, '.', '_' or '-', "
+                            f"got {entry!r}")
+        names.append(name)
+    if len(set(names)) != len(names):
+        raise DaptError(f"eval_sets names must be unique, got {', '.join(names)}")
+    if cfg.eval_sets and (cfg.data_files or cfg.prepared_dir):
+        raise DaptError("pass either --eval_sets or --data_files/--prepared_dir (each set names its own files)")
+    if cfg.eval_name and not SET_NAME.fullmatch(cfg.eval_name):
+        raise DaptError(f"eval_name must be letters, digits, '.', '_' or '-', got {cfg.eval_name!r}")
+
+
 def validate(cfg: Any) -> None:
     """Checks that need no data, model or network: fail before anything is written."""
     if not getattr(cfg, "output_dir", "x"):
         raise DaptError("--output_dir is required")
-    if isinstance(cfg, (DataConfig,)):
-        if cfg.max_seq_length < 0 or (isinstance(cfg, TrainConfig) and cfg.max_seq_length < 8):
-            raise DaptError(f"max_seq_length must be at least 8, got {cfg.max_seq_length}")
-        if cfg.max_samples < 0:
-            raise DaptError(f"max_samples must be >= 0, got {cfg.max_samples}")
-        if cfg.prepared_dir and cfg.data_files:
-            raise DaptError("pass either --prepared_dir or --data_files, not both (a prepared directory holds its data)")
-        if cfg.empty_texts not in ("error", "drop"):
-            raise DaptError(f"empty_texts must be error or drop, got {cfg.empty_texts!r}")
-        if cfg.encoding_errors not in ("error", "replace"):
-            raise DaptError(f"encoding_errors must be error or replace, got {cfg.encoding_errors!r}")
-        if cfg.num_proc < 1:
-            raise DaptError(f"num_proc must be >= 1, got {cfg.num_proc}")
-        for entry in cfg.label_map:
-            name, _, value = entry.partition("=")
-            if not name.strip() or value.strip() not in {str(k) for k in ID2LABEL}:
-                raise DaptError(f"label_map entries are name=id with id in {sorted(ID2LABEL)}, got {entry!r}")
+    if isinstance(cfg, DataConfig):
+        _validate_data(cfg)
     if isinstance(cfg, TrainConfig):
-        for name in ("effective_batch_size", "micro_batch_size", "eval_batch_size", "num_epochs"):
-            if getattr(cfg, name) < 1:
-                raise DaptError(f"{name} must be >= 1, got {getattr(cfg, name)}")
-        if cfg.learning_rate <= 0:
-            raise DaptError(f"learning_rate must be > 0, got {cfg.learning_rate}")
-        if cfg.max_grad_norm < 0:
-            raise DaptError(f"max_grad_norm must be >= 0 (0 = no clipping), got {cfg.max_grad_norm}")
-        if cfg.warmup < 0 or (1 <= cfg.warmup and not float(cfg.warmup).is_integer()):
-            raise DaptError(f"warmup must be a step count (>= 1) or a fraction in [0, 1), got {cfg.warmup}")
-        if not 0 <= cfg.validation_split < 1:
-            raise DaptError(f"validation_split must be in [0, 1), got {cfg.validation_split}")
-        if cfg.logging_steps < 1 or cfg.eval_steps < 0:
-            raise DaptError("logging_steps must be >= 1 and eval_steps >= 0")
-        if cfg.save_steps < 0 or cfg.keep_last < 1:
-            raise DaptError("save_steps must be >= 0 and keep_last >= 1")
-        if not cfg.resume:
-            raise DaptError("resume must be auto, never or a checkpoint path")
-        if cfg.attn_implementation not in ("sdpa", "eager"):
-            raise DaptError(f"attn_implementation must be sdpa or eager, got {cfg.attn_implementation!r}")
-    if isinstance(cfg, MLMConfig) and not 0 < cfg.mlm_probability < 1:
-        raise DaptError(f"mlm_probability must be in (0, 1), got {cfg.mlm_probability}")
+        _validate_training(cfg)
     if isinstance(cfg, (FinetuneConfig, EvalConfig)):
-        if cfg.truncation and cfg.truncation not in TRUNCATIONS:
-            raise DaptError(f"truncation must be one of {', '.join(TRUNCATIONS)}, got {cfg.truncation!r}")
-        budget = cfg.max_seq_length - 2
-        if cfg.truncation == "head+tail" and cfg.max_seq_length and not 0 < cfg.head_tokens < budget:
-            raise DaptError(
-                f"head_tokens must be between 1 and max_seq_length - 3 = {budget - 1} for head+tail, "
-                f"got {cfg.head_tokens}"
-            )
+        _validate_truncation(cfg)
     if isinstance(cfg, EvalConfig):
         if not cfg.model_name_or_path:
             raise DaptError("--model_name_or_path is required (an exported model folder)")
+        _range(cfg, "eval_batch_size", 1)
+        _validate_eval_sets(cfg)
         if cfg.precision not in ("auto", "fp32", "fp16", "bf16"):
             raise DaptError(f"precision must be auto, fp32, fp16 or bf16, got {cfg.precision!r}")
-    if isinstance(cfg, (TrainConfig, EvalConfig)) and cfg.wandb_mode not in ("auto", "online", "offline", "disabled"):
-        raise DaptError(f"wandb_mode must be auto, online, offline or disabled, got {cfg.wandb_mode!r}")
-    if getattr(cfg, "wandb_mode", "auto") in ("online", "offline"):
-        import importlib.util
-
-        if importlib.util.find_spec("wandb") is None:
-            raise DaptError(f"wandb_mode {cfg.wandb_mode} needs the wandb package: pip install 'dapt[wandb]'")
-    if isinstance(cfg, TrainConfig) and cfg.progress not in ("auto", "bar", "lines"):
-        raise DaptError(f"progress must be auto, bar or lines, got {cfg.progress!r}")
+    if isinstance(cfg, (TrainConfig, EvalConfig)):
+        _validate_wandb(cfg)
     if isinstance(cfg, ExportConfig) and not cfg.checkpoint:
         raise DaptError("--checkpoint is required")
 
@@ -349,10 +423,3 @@ def resolve_path(path: str) -> Path:
         return p
     candidate = REPO_ROOT / p
     return candidate if candidate.exists() else p
-
-
-def dump_json(obj: Any, path: Path) -> None:
-    """Write JSON atomically: a reader never sees a half-written file."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-    tmp.replace(path)

@@ -2,10 +2,13 @@
 
 The accelerator DeepSpeed detects decides everything hardware-specific: device (cuda:N, cpu, ...),
 communication backend (NCCL on GPUs, gloo on CPU) and which precisions exist. Ranks come from the
-launcher's environment (deepspeed, torchrun, slurm/launch.sh: RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*), from
-a bare `srun` task (SLURM_PROCID/SLURM_STEP_*; also `srun --mpi=pmix`, which sets PMIX_RANK), from
+launcher's environment (deepspeed, torchrun: RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*), from an `srun` task
+(slurm/launch.sh, a bare `srun`, `srun --mpi=pmix`: SLURM_PROCID/SLURM_STEP_*, PMIX_RANK), from
 OpenMPI's `mpirun` (OMPI_COMM_WORLD_*; rank 0's address and port broadcast with mpi4py), from other
-MPI launchers (DeepSpeed's mpi4py discovery), or default to a single process.
+MPI launchers (DeepSpeed's mpi4py discovery), or default to a single process. This module is the only
+place that derives ranks and the rendezvous address: the Slurm scripts only start the tasks.
+DAPT_MASTER_ADDR / DAPT_MASTER_PORT override the address and port dapt would pick under srun and
+mpirun (MASTER_ADDR / MASTER_PORT, when set, are the launcher's and win).
 """
 from __future__ import annotations
 
@@ -31,6 +34,9 @@ class DistInfo:
     local_rank: int
     device: torch.device
     backend: str
+    # Whether this setup created the process group (and so tears it down): a caller that set one up
+    # itself (a notebook, a test session) keeps it across runs.
+    owns_group: bool = True
 
     @property
     def is_main(self) -> bool:
@@ -48,7 +54,7 @@ def _single_process_env() -> str:
     return its name. A plain `python launch/x.py` (also inside an sbatch script, whose batch shell sees
     SLURM_PROCID=0 and SLURM_NTASKS of the whole job but is no step task) is a world of one."""
     env = os.environ
-    if "RANK" in env:  # deepspeed, torchrun, slurm/launch.sh, or set by hand
+    if "RANK" in env:  # deepspeed, torchrun, or set by hand
         return "env"
     if "OMPI_COMM_WORLD_RANK" in env:  # OpenMPI's mpirun
         _mpirun_env()
@@ -58,22 +64,41 @@ def _single_process_env() -> str:
         return "srun"
     if "PMI_RANK" in env or "PMIX_RANK" in env:  # another MPI launcher: DeepSpeed's mpi4py discovery
         return "mpi"
-    env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
     env.setdefault("MASTER_ADDR", "127.0.0.1")
     env.setdefault("MASTER_PORT", str(free_port()))
     return "single"
 
 
+def _dapt_master_addr() -> str | None:
+    """DAPT_MASTER_ADDR, when set and not empty."""
+    return os.environ.get("DAPT_MASTER_ADDR", "").strip() or None
+
+
+def _dapt_master_port() -> str | None:
+    """DAPT_MASTER_PORT, when set and not empty: a port number 1..65535 (else a DaptError)."""
+    value = os.environ.get("DAPT_MASTER_PORT", "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or not 1 <= int(value) <= 65535:
+        raise DaptError(f"DAPT_MASTER_PORT={os.environ['DAPT_MASTER_PORT']}: expected a port number (1-65535)")
+    return str(int(value))
+
+
 def _mpirun_env() -> None:
     """OpenMPI's mpirun: ranks from OMPI_COMM_WORLD_*, rank 0's address and a free port of rank 0's host
     broadcast to all with mpi4py (unless MASTER_ADDR/MASTER_PORT are set). One host: 127.0.0.1; several:
-    the first address of `hostname -I` on rank 0's host (DAPT_MASTER_ADDR overrides it)."""
+    the first address of `hostname -I` on rank 0's host (DAPT_MASTER_ADDR / DAPT_MASTER_PORT override them)."""
     env = os.environ
     size, local_size = int(env["OMPI_COMM_WORLD_SIZE"]), int(env.get("OMPI_COMM_WORLD_LOCAL_SIZE", "0"))
     env.update(RANK=env["OMPI_COMM_WORLD_RANK"], WORLD_SIZE=str(size),
                LOCAL_RANK=env.get("OMPI_COMM_WORLD_LOCAL_RANK", "0"))
-    if local_size:
-        env.setdefault("LOCAL_WORLD_SIZE", str(local_size))
+    if local_size:  # RANK was not set: a LOCAL_WORLD_SIZE here is another launcher's, stale
+        env["LOCAL_WORLD_SIZE"] = str(local_size)
+    if "MASTER_ADDR" not in env and (addr := _dapt_master_addr()):
+        env["MASTER_ADDR"] = addr
+    if "MASTER_PORT" not in env and (port := _dapt_master_port()):
+        env["MASTER_PORT"] = port
     if "MASTER_ADDR" in env and "MASTER_PORT" in env:
         return
     try:
@@ -86,8 +111,7 @@ def _mpirun_env() -> None:
     comm = MPI.COMM_WORLD
     ours = None
     if comm.Get_rank() == 0:
-        addr = env.get("MASTER_ADDR") or env.get("DAPT_MASTER_ADDR") or (
-            "127.0.0.1" if local_size == size else _host_address())
+        addr = env.get("MASTER_ADDR") or ("127.0.0.1" if local_size == size else _host_address())
         ours = (addr, env.get("MASTER_PORT") or str(free_port(addr)))
     addr, port = comm.bcast(ours, root=0)
     env.update(MASTER_ADDR=addr, MASTER_PORT=port)
@@ -137,8 +161,12 @@ def _slurm_first_host(nodelist: str) -> str:
 
 
 def _srun_env() -> None:
-    """A task started by `srun` (plain, or `--mpi=pmix`: PMIX_RANK equals SLURM_PROCID): ranks from
-    SLURM_*; the master is the step's first node, the port derived from the job and step ids."""
+    """A task started by `srun` (slurm/launch.sh, a bare srun, or `--mpi=pmix`: PMIX_RANK equals
+    SLURM_PROCID): RANK, WORLD_SIZE and LOCAL_RANK from the step's SLURM_PROCID/SLURM_STEP_NUM_TASKS/
+    SLURM_LOCALID, LOCAL_WORLD_SIZE = this node's count in SLURM_STEP_TASKS_PER_NODE (nodes may differ);
+    the master is the step's first node (its NodeAddr when the name does not resolve), the port derived
+    from the job and step ids (the same on every node, another for each step). MASTER_ADDR/MASTER_PORT,
+    when set, win; then DAPT_MASTER_ADDR/DAPT_MASTER_PORT."""
     env = os.environ
     rank = env["SLURM_PROCID"]
     if "PMIX_RANK" in env and env["PMIX_RANK"] != rank:
@@ -146,18 +174,22 @@ def _srun_env() -> None:
     step = env.get("SLURM_STEP_ID", env.get("SLURM_STEPID", "0"))
     env.update(RANK=rank, WORLD_SIZE=env.get("SLURM_STEP_NUM_TASKS") or env["SLURM_NTASKS"],
                LOCAL_RANK=env.get("SLURM_LOCALID", "0"))
-    if "SLURM_STEP_TASKS_PER_NODE" in env:
-        env.setdefault("LOCAL_WORLD_SIZE", str(_tasks_on_node(env["SLURM_STEP_TASKS_PER_NODE"],
-                                                              int(env.get("SLURM_NODEID", "0")))))
-    if env["WORLD_SIZE"] == "1":  # a one-task step: nothing to agree on; a free port as for plain python
-        env.setdefault("MASTER_ADDR", "127.0.0.1")
-        env.setdefault("MASTER_PORT", str(free_port()))
+    # RANK was not set: a LOCAL_WORLD_SIZE here is inherited from elsewhere, stale
+    spec = env.get("SLURM_STEP_TASKS_PER_NODE")
+    if spec:
+        env["LOCAL_WORLD_SIZE"] = str(_tasks_on_node(spec, int(env.get("SLURM_NODEID", "0"))))
+    else:
+        env.pop("LOCAL_WORLD_SIZE", None)
+    one_task = env["WORLD_SIZE"] == "1"  # nothing to agree on: no scontrol, a free port as for plain python
     if "MASTER_ADDR" not in env:
         nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or ""
-        env["MASTER_ADDR"] = _slurm_first_host(nodelist) if nodelist else "127.0.0.1"
+        env["MASTER_ADDR"] = _dapt_master_addr() or (
+            _slurm_first_host(nodelist) if nodelist and not one_task else "127.0.0.1")
     if "MASTER_PORT" not in env:
         job = int(env.get("SLURM_JOB_ID", "0"))
-        env["MASTER_PORT"] = str(20000 + (job * 7 + int(step) + 1) % 20000)
+        step_id = int(step) if step.isdigit() else 0
+        env["MASTER_PORT"] = _dapt_master_port() or (
+            str(free_port()) if one_task else str(20000 + (job * 7 + step_id + 1) % 20000))
 
 
 def _release_cpu_shm_buffer(rank: int) -> None:
@@ -180,20 +212,31 @@ def _cpu_threads(local_world_size: int) -> None:
     torch.set_num_threads(max(1, cores // max(1, local_world_size)))
 
 
+def rendezvous_line(launcher: str, world: int, backend: str) -> str:
+    """What rank 0 logs once the process group is up: who started the ranks, how many, and where they met
+    (under DeepSpeed's MPI discovery MASTER_ADDR/PORT are known only after it)."""
+    env = os.environ
+    return (f"dapt: launcher {launcher}: {world} rank{'s' if world != 1 else ''} ({backend}), "
+            f"master {env.get('MASTER_ADDR', '?')}:{env.get('MASTER_PORT', '?')}")
+
+
 def setup_distributed(timeout_minutes: float | None = None) -> DistInfo:
     """Initialise the process group on the detected accelerator's backend."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizer threads fight torch for cores
-    _single_process_env()
+    launcher = _single_process_env()
     acc = get_accelerator()
     backend = acc.communication_backend_name()
     minutes = timeout_minutes or float(os.environ.get("DAPT_DIST_TIMEOUT_MINUTES", "30"))
-    if not dist.is_initialized():
+    started = not dist.is_initialized()
+    if started:
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=True, verbose=False,
                                    timeout=timedelta(minutes=minutes))
     rank, world = dist.get_rank(), dist.get_world_size()
+    if started and rank == 0:
+        print(rendezvous_line(launcher, world, backend), flush=True)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if acc.device_name() == "cpu":
         atexit.register(_release_cpu_shm_buffer, rank)
@@ -203,7 +246,8 @@ def setup_distributed(timeout_minutes: float | None = None) -> DistInfo:
     else:
         acc.set_device(local_rank)
         device = torch.device(acc.device_name(local_rank))
-    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device, backend=backend)
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device, backend=backend,
+                    owns_group=started)
 
 
 def comm_device(info: DistInfo) -> torch.device:

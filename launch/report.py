@@ -5,7 +5,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runs from a checkout without install
 
-from dapt.report import main  # noqa: E402
+from dapt.commands.report import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

@@ -1,7 +1,14 @@
-# Shared launch helper for slurm/*.sh (sourced, not submitted). Everything the stage scripts have in
-# common lives here: strict mode, finding the checkout, activating the environment, the rendezvous
-# (MASTER_ADDR/MASTER_PORT), one srun task per GPU (or CPU slot) with RANK/WORLD_SIZE/LOCAL_RANK, stop
-# signals forwarded to the tasks, and a requeue when training exits 75 ("checkpoint saved, requeue me").
+# Shared launch helper for slurm/*.sh (sourced, not submitted). Sourcing it only defines things and
+# sets strict mode, so scripts outside a job (pipeline.sh on a login node, hostfile.sh) use its helpers
+# too. Three layers:
+#   helpers      dapt_die, dapt_log, _dapt_file, dapt_hosts: usable anywhere
+#   dapt_env     the environment: DAPT_ENV_SETUP, the virtualenv, DAPT_PYTHON (inside a job or not)
+#   dapt_init / dapt_launch   inside a job: checks, thread/NCCL defaults, one srun task per GPU (or CPU
+#                slot) running "$DAPT_PYTHON" directly, stop signals forwarded to the tasks, and a
+#                requeue when training exits 75 ("checkpoint saved, requeue me")
+# Ranks, MASTER_ADDR and MASTER_PORT are NOT computed here: every task derives them from its SLURM_*
+# variables in dapt/distributed.py (the same code serves a bare `srun python launch/...`), and rank 0
+# logs them ("dapt: launcher srun: N ranks ..., master ADDR:PORT").
 #
 # Environment variables (all optional; the stage scripts add DAPT_CONFIG, DAPT_DS_CONFIG, DAPT_OUTPUT_DIR,
 # DAPT_MODEL, see README "Running on Slurm"):
@@ -11,8 +18,11 @@
 #   DAPT_PYTHON      interpreter (default: python3 after the two steps above)
 #   DAPT_SRUN_ARGS   extra srun flags, e.g. "--mpi=pmix" or "--gpu-bind=none"
 #   DAPT_REQUEUE     1 (default): on exit 75 run `scontrol requeue $SLURM_JOB_ID`; 0: just exit 75
-#   DAPT_MASTER_ADDR rendezvous address (default: the first node, or its NodeAddr if its name does not resolve)
-#   DAPT_MASTER_PORT rendezvous port (default: 20000 + job id mod 20000, the same on every node)
+#   DAPT_MASTER_ADDR rendezvous address, read by the tasks (default: the step's first node, or its NodeAddr)
+#   DAPT_MASTER_PORT rendezvous port 1-65535, read by the tasks (default: derived from the job and step ids)
+# RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT (and other launchers' rank
+# variables) exported by the submitting shell are cleared: sbatch passes its environment on, and stale
+# values would override what each task derives.
 #
 # NCCL (GPUs; nothing here is needed on CPU, where the backend is gloo). Defaults set only when unset:
 #   NCCL_DEBUG=WARN                       INFO to debug a hang
@@ -24,23 +34,15 @@
 set -euo pipefail
 
 DAPT_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-EXIT_REQUEUE=75  # dapt/checkpoint.py: a stop signal saved a checkpoint
+EXIT_REQUEUE=75  # dapt/errors.py: a stop signal saved a checkpoint
+
+# --- helpers (anywhere) -----------------------------------------------------------------------------
 
 dapt_die() { echo "dapt-slurm: error: $*" >&2; exit 2; }
 dapt_log() { echo "dapt-slurm: $*"; }
 
-# dapt_hosts: the job's host names, one a line (the first is the rendezvous host)
+# dapt_hosts: the job's host names, one a line
 dapt_hosts() { scontrol show hostnames "${SLURM_JOB_NODELIST:?not inside a Slurm job}"; }
-
-# dapt_addr HOST: HOST if it resolves, else the NodeAddr Slurm has for it (nodes that are only names to
-# Slurm, e.g. several slurmd on one machine; real clusters resolve their node names)
-dapt_addr() {
-    local host=$1 addr
-    if getent hosts "$host" >/dev/null 2>&1; then echo "$host"; return; fi
-    addr=$(scontrol show node "$host" 2>/dev/null | grep -o 'NodeAddr=[^ ]*' | cut -d= -f2)
-    [[ -n $addr ]] || dapt_die "node $host does not resolve and Slurm has no NodeAddr for it; set MASTER_ADDR"
-    echo "$addr"
-}
 
 _dapt_file() {  # NAME: a set variable must name a file, here or in the checkout (recipes/..., ds_configs/...)
     local value=${!1:-}
@@ -49,11 +51,12 @@ _dapt_file() {  # NAME: a set variable must name a file, here or in the checkout
     printf -v "$1" '%s' "$DAPT_ROOT/$value"
 }
 
-# dapt_init: environment and rendezvous; call once at the top of a stage script
-dapt_init() {
-    [[ -n ${SLURM_JOB_ID:-} ]] || dapt_die "not inside a Slurm job: submit with sbatch (or run inside salloc)"
+# --- the environment (inside a job or not) -----------------------------------------------------------
+
+# dapt_env: check the checkout and the config files, run DAPT_ENV_SETUP, activate the virtualenv, find
+# DAPT_PYTHON, and clear launcher variables inherited from the submitting shell
+dapt_env() {
     [[ -f $DAPT_ROOT/launch/mlm.py ]] || dapt_die "DAPT_ROOT=$DAPT_ROOT is not a dapt checkout"
-    case ${DAPT_REQUEUE:=1} in 0|1) ;; *) dapt_die "DAPT_REQUEUE=$DAPT_REQUEUE: expected 0 or 1" ;; esac
     _dapt_file DAPT_CONFIG
     _dapt_file DAPT_DS_CONFIG
     if [[ -n ${DAPT_ENV_SETUP:-} ]]; then
@@ -66,14 +69,20 @@ dapt_init() {
     fi
     DAPT_PYTHON=${DAPT_PYTHON:-python3}
     command -v "$DAPT_PYTHON" >/dev/null || dapt_die "DAPT_PYTHON=$DAPT_PYTHON: not found"
+    # dapt/distributed.py takes RANK (and MASTER_*) as "a launcher set these": never from the login shell
+    unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE LOCAL_SIZE MASTER_ADDR MASTER_PORT \
+          OMPI_COMM_WORLD_RANK OMPI_COMM_WORLD_SIZE OMPI_COMM_WORLD_LOCAL_RANK OMPI_COMM_WORLD_LOCAL_SIZE \
+          PMI_RANK PMI_SIZE PMIX_RANK
+}
 
-    local first addr tasks_per_node gpus
-    # Computed here, never taken from the submitting shell (sbatch exports its environment).
-    first=$(dapt_hosts | head -n1) || dapt_die "cannot list the job's hosts (scontrol show hostnames)"
-    addr=${DAPT_MASTER_ADDR:-$(dapt_addr "$first")}
-    export MASTER_ADDR=$addr
-    export MASTER_PORT=${DAPT_MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
-    [[ $MASTER_PORT =~ ^[0-9]+$ ]] || dapt_die "DAPT_MASTER_PORT=$MASTER_PORT: not a port number"
+# --- inside a job --------------------------------------------------------------------------------------
+
+# dapt_init: checks and environment; call once at the top of a stage script
+dapt_init() {
+    [[ -n ${SLURM_JOB_ID:-} ]] || dapt_die "not inside a Slurm job: submit with sbatch (or run inside salloc)"
+    case ${DAPT_REQUEUE:=1} in 0|1) ;; *) dapt_die "DAPT_REQUEUE=$DAPT_REQUEUE: expected 0 or 1" ;; esac
+    dapt_env
+    local tasks_per_node gpus
     # One task per GPU: each task picks its GPU by LOCAL_RANK (all GPUs stay visible, so NCCL sees P2P).
     gpus=${SLURM_GPUS_ON_NODE:-0}
     tasks_per_node=${SLURM_NTASKS_PER_NODE:-}
@@ -86,7 +95,7 @@ dapt_init() {
     export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
     dapt_log "job $SLURM_JOB_ID (${SLURM_JOB_NAME:-}) run $(( ${SLURM_RESTART_COUNT:-0} + 1 )) on ${SLURM_JOB_NODELIST}:" \
              "${SLURM_NTASKS:-1} tasks, ${gpus} GPUs/node, ${SLURM_CPUS_PER_TASK:-1} CPUs/task," \
-             "master ${MASTER_ADDR}:${MASTER_PORT}, python $(command -v "$DAPT_PYTHON")"
+             "python $(command -v "$DAPT_PYTHON")"
 }
 
 _DAPT_PID=
@@ -108,10 +117,9 @@ dapt_launch() {
     if [[ -n ${DAPT_SRUN_ARGS:-} ]]; then
         local extra; read -r -a extra <<<"$DAPT_SRUN_ARGS"; cmd+=("${extra[@]}")
     fi
-    # exec: the signal reaches python itself, not a shell around it
-    local task_env='export RANK=$SLURM_PROCID WORLD_SIZE=$SLURM_NTASKS LOCAL_RANK=$SLURM_LOCALID'
-    task_env+=' LOCAL_WORLD_SIZE=${SLURM_NTASKS_PER_NODE:-$SLURM_NTASKS}; exec "$@"'
-    cmd+=(bash -c "$task_env" dapt-task "$DAPT_PYTHON" "$@")
+    # python itself is the task (no shell around it), so srun's signals reach it; each task finds its
+    # rank, world and rendezvous in its SLURM_* variables (dapt/distributed.py)
+    cmd+=("$DAPT_PYTHON" "$@")
     dapt_log "running: $(printf '%q ' "${cmd[@]}")"
     trap '_dapt_forward USR1' USR1
     trap '_dapt_forward TERM' TERM

@@ -14,38 +14,41 @@
 # DAPT_CONFIG, DAPT_DS_CONFIG and the helper's (slurm/launch.sh); the jobs inherit this environment.
 # Logs go to logs/ under the current directory (created here; Slurm does not create it).
 set -euo pipefail
-die() { echo "dapt-slurm: error: $*" >&2; exit 2; }
+# The helpers of slurm/launch.sh (dapt_die, _dapt_file); sourcing it needs no job. DAPT_ROOT: a checkout,
+# when this script is a copy outside one; the jobs run that checkout's stage scripts.
+_here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+source "${DAPT_ROOT:-$_here/..}/slurm/launch.sh" 2>/dev/null \
+    || { echo "dapt-slurm: error: slurm/launch.sh not found; set DAPT_ROOT to the dapt checkout" >&2; exit 2; }
+export DAPT_ROOT  # launch.sh set it to its checkout; the jobs load the same one
 
-here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-command -v sbatch >/dev/null || die "sbatch not found: run this on a Slurm login node"
+command -v sbatch >/dev/null || dapt_die "sbatch not found: run this on a Slurm login node"
 out=${DAPT_OUTPUT_DIR:-runs/pipeline}
 [[ $out == /* ]] || out=$PWD/$out  # the jobs run in this directory too; absolute for clarity in the logs
-for f in DAPT_CONFIG DAPT_DS_CONFIG; do
-    [[ -z ${!f:-} || -f ${!f} || -f $here/../${!f} ]] || die "$f=${!f}: no such file"
-done
+_dapt_file DAPT_CONFIG     # here, or relative to the checkout (then made absolute for the jobs)
+_dapt_file DAPT_DS_CONFIG
 
 opts=("$@")
 case ${DAPT_GPUS_PER_NODE-unset} in
     unset) ;;
     0) opts=(--gres=none "${opts[@]}") ;;
-    *[!0-9]*|'') die "DAPT_GPUS_PER_NODE=$DAPT_GPUS_PER_NODE: expected a number of GPUs (0 = CPU only)" ;;
+    *[!0-9]*|'') dapt_die "DAPT_GPUS_PER_NODE=$DAPT_GPUS_PER_NODE: expected a number of GPUs (0 = CPU only)" ;;
     *) opts=(--gres=gpu:$DAPT_GPUS_PER_NODE --ntasks-per-node=$DAPT_GPUS_PER_NODE "${opts[@]}") ;;
 esac
 read -r -a mlm_args <<<"${DAPT_MLM_ARGS:-}"
 read -r -a ft_args <<<"${DAPT_FINETUNE_ARGS:-}"
 read -r -a eval_args <<<"${DAPT_EVAL_ARGS:-}"
 mkdir -p logs
-export DAPT_ROOT=${DAPT_ROOT:-$(cd "$here/.." && pwd)}
 
 submit() {  # prints the job id
     local id
-    id=$(sbatch --parsable "$@") || die "sbatch failed: sbatch $*"
+    id=$(sbatch --parsable "$@") || dapt_die "sbatch failed: sbatch $*"
     echo "${id%%;*}"  # --parsable prints "id[;cluster]"
 }
-mlm=$(DAPT_OUTPUT_DIR=$out/mlm submit "${opts[@]}" "$here/mlm.sh" "${mlm_args[@]}")
+stages=$DAPT_ROOT/slurm
+mlm=$(DAPT_OUTPUT_DIR=$out/mlm submit "${opts[@]}" "$stages/mlm.sh" "${mlm_args[@]}")
 ft=$(DAPT_OUTPUT_DIR=$out/finetune DAPT_MODEL=$out/mlm submit --dependency=afterok:$mlm --kill-on-invalid-dep=yes \
-     "${opts[@]}" "$here/finetune.sh" "${ft_args[@]}")
+     "${opts[@]}" "$stages/finetune.sh" "${ft_args[@]}")
 ev=$(DAPT_OUTPUT_DIR=$out/eval DAPT_MODEL=$out/finetune submit --dependency=afterok:$ft --kill-on-invalid-dep=yes \
-     "${opts[@]}" "$here/eval.sh" "${eval_args[@]}")
+     "${opts[@]}" "$stages/eval.sh" "${eval_args[@]}")
 echo "mlm=$mlm finetune=$ft eval=$ev"
 echo "results: $out/eval/eval_results.json   logs: $PWD/logs/   watch: squeue -j $mlm,$ft,$ev" >&2

@@ -69,7 +69,7 @@ def tiny_model(tmp_path_factory, tokenizer_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def demo_files(tmp_path_factory) -> dict[str, Path]:
-    from dapt.demo_data import write_demo_data
+    from dapt.data.demo import write_demo_data
 
     return write_demo_data(tmp_path_factory.mktemp("demo_data"), n_unlabelled=240, n_train=192, n_test=37)
 

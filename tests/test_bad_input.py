@@ -4,7 +4,6 @@ import hashlib
 import json
 
 import pytest
-
 from conftest import assert_ok, run_cli
 
 

@@ -1,11 +1,11 @@
-"""The [CLS]-only last layer (dapt.models.cls_only_last_layer) changes cost, not results."""
+"""The [CLS]-only last layer (dapt.model.surgery.cls_only_last_layer) changes cost, not results."""
 import copy
 
 import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
-from dapt.models import cls_only_last_layer
+from dapt.model.surgery import cls_only_last_layer
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])

@@ -1,12 +1,11 @@
 import json
 
 import pytest
-
-from dapt.config import FinetuneConfig, MLMConfig, parse_config, warmup_steps
-from dapt.ds_config import build_ds_config, load_ds_config, resolve_precision
-from dapt.errors import DaptError
-
 from conftest import ROOT
+
+from dapt.config import EvalConfig, FinetuneConfig, MLMConfig, parse_config, warmup_steps
+from dapt.errors import DaptError
+from dapt.train.engine import build_ds_config, load_ds_config, resolve_precision
 
 
 def test_defaults_are_the_reference_recipe():
@@ -39,6 +38,48 @@ def test_recipe_sections_and_cli_precedence(tmp_path):
 def test_bad_flags(argv, message):
     with pytest.raises(DaptError, match=message):
         parse_config(MLMConfig, "mlm", argv)
+
+
+# Every numeric flag's range, in every stage: one line naming the flag, before anything runs.
+RANGE_CASES = [
+    ("evaluate", ["--eval_batch_size", "0"], "eval_batch_size must be >= 1, got 0"),
+    ("evaluate", ["--max_seq_length", "4"], "max_seq_length must be >= 8 (0 = as trained, evaluation only), got 4"),
+    ("evaluate", ["--head_tokens", "-1"], "head_tokens must be >= 0, got -1"),
+    ("evaluate", ["--num_proc", "0"], "num_proc must be >= 1, got 0"),
+    ("finetune", ["--eval_batch_size", "0"], "eval_batch_size must be >= 1, got 0"),
+    ("finetune", ["--micro_batch_size", "0"], "micro_batch_size must be >= 1, got 0"),
+    ("finetune", ["--keep_last", "0"], "keep_last must be >= 1, got 0"),
+    ("finetune", ["--save_steps", "-5"], "save_steps must be >= 0, got -5"),
+    ("finetune", ["--num_workers", "-1"], "num_workers must be >= 0, got -1"),
+    ("finetune", ["--adam_beta1", "1.0"], "adam_beta1 must be in [0, 1), got 1.0"),
+    ("finetune", ["--adam_epsilon", "0"], "adam_epsilon must be > 0, got 0.0"),
+    ("finetune", ["--weight_decay", "-0.1"], "weight_decay must be >= 0, got -0.1"),
+    ("finetune", ["--seed", "-1"], "seed must be in [0, 4294967296), got -1"),
+    ("finetune", ["--max_samples", "-3"], "max_samples must be >= 0 (0 = all), got -3"),
+    ("mlm", ["--logging_steps", "0"], "logging_steps must be >= 1, got 0"),
+    ("mlm", ["--eval_steps", "-1"], "eval_steps must be >= 0, got -1"),
+    ("mlm", ["--peak_tflops", "-1"], "peak_tflops must be >= 0, got -1.0"),
+    ("mlm", ["--max_seq_length", "0"], "max_seq_length must be >= 8, got 0"),
+]
+
+
+@pytest.mark.parametrize("stage, argv, message", RANGE_CASES)
+def test_numeric_flags_are_range_checked(stage, argv, message):
+    cls = {"mlm": MLMConfig, "finetune": FinetuneConfig, "evaluate": EvalConfig}[stage]
+    extra = ["--model_name_or_path", "m"] if stage == "evaluate" else []
+    with pytest.raises(DaptError) as err:
+        parse_config(cls, stage, ["--output_dir", "o", *extra, *argv])
+    assert str(err.value) == message
+
+
+def test_length_beyond_the_models_positions_is_refused_up_front(tiny_model):
+    """A long review would crash mid-run; the length is checked against the model before any data is read."""
+    from dapt.model.settings import resolve_eval_settings
+
+    cfg = parse_config(EvalConfig, "evaluate", ["--output_dir", "o", "--model_name_or_path", str(tiny_model),
+                                                "--max_seq_length", "100000"])
+    with pytest.raises(DaptError, match="max_seq_length 100000 exceeds the model's limit of 128 positions"):
+        resolve_eval_settings(cfg, str(tiny_model))
 
 
 def test_unknown_recipe_key(tmp_path):

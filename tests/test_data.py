@@ -2,15 +2,16 @@ import collections
 
 import pytest
 import torch
+from conftest import SHARED_IMDB
 
 from dapt.config import MLMConfig
-from dapt.data import (MLMCollator, clean_text, eval_shard, load_table, mask_tokens, num_eval_batches, pack_blocks,
-                       steps_per_epoch, tokenize_for_classification, tokenize_for_mlm, train_batches, truncate_ids)
+from dapt.data.batching import eval_shard, num_eval_batches, sharded_batches, steps_per_epoch, train_batches
+from dapt.data.classify import tokenize_for_classification
+from dapt.data.mlm import MLMCollator, mask_tokens, pack_blocks, tokenize_for_mlm
+from dapt.data.sources import load_table
+from dapt.data.text import clean_text, truncate_ids
 from dapt.distributed import DistInfo
 from dapt.errors import DaptError
-from dapt.evaluation import sharded_batches
-
-from conftest import SHARED_IMDB
 
 
 def test_clean_text_removes_html_breaks():

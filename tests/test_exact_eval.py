@@ -4,10 +4,10 @@ import json
 
 import pytest
 import torch
+from conftest import ROOT, assert_ok, free_port
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 
-from conftest import ROOT, assert_ok, free_port
-from dapt.data import tokenize_for_classification
+from dapt.data.classify import tokenize_for_classification
 
 SIZES = [1, 2, 3, 5, 7, 11, 13, 16, 31, 37, 64]
 
@@ -87,3 +87,9 @@ def test_counts_are_exact_for_any_size_and_world(world, classifier, demo_files, 
             assert res["accuracy"] == pytest.approx(accuracy_score(y, p), abs=1e-12)
             assert res["f1_macro"] == pytest.approx(f1_score(y, p, average="macro", labels=[0, 1], zero_division=0),
                                                     abs=1e-12)
+            # per-example predictions: every example once, in input order, gathered from all ranks
+            rows = res["predictions"]
+            assert [r["row"] for r in rows] == list(range(n)), (n, bs)
+            assert [r["predicted"] for r in rows] == [["negative", "positive"][k] for k in p]
+            assert [r["label"] for r in rows] == [["negative", "positive"][k] for k in y]
+            assert all(abs(sum(r["probabilities"].values()) - 1) < 1e-5 for r in rows)

@@ -1,12 +1,19 @@
 """Rank discovery (dapt/distributed.py) for every way a run can be started, without starting one:
-launcher variables, a bare `srun` task (also `--mpi=pmix`), OpenMPI's mpirun, and the batch shell of
-an sbatch script (which sees SLURM_PROCID/SLURM_NTASKS of the job but is no step task: one rank)."""
+launcher variables, an `srun` task (slurm/launch.sh's, a bare one, `--mpi=pmix`), OpenMPI's mpirun, and
+the batch shell of an sbatch script (which sees SLURM_PROCID/SLURM_NTASKS of the job but is no step task:
+one rank). Also what the Slurm scripts hand over, with stand-ins for `srun`/`sbatch`/`scontrol`: no ranks
+or rendezvous of their own, no launcher variables of the submitting shell (the real cluster runs are in
+test_slurm.py)."""
 import os
+import subprocess
+from pathlib import Path
 
 import pytest
 
 from dapt import distributed as d
 from dapt.errors import DaptError
+
+ROOT = Path(__file__).resolve().parent.parent
 
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -94,3 +101,139 @@ def test_mpirun_with_a_given_rendezvous_needs_no_mpi4py(env):
                                            ("4,2(x2)", 2, 2)])
 def test_tasks_per_node(spec, node, n):
     assert d._tasks_on_node(spec, node) == n
+
+
+def test_uneven_nodes_local_world_size_is_this_nodes_count(env, fake_scontrol):
+    """3 tasks on the first node, 1 on the second: not SLURM_NTASKS_PER_NODE, and not a stale value."""
+    base = dict(SLURM_JOB_ID=5, SLURM_STEP_ID=0, SLURM_STEP_NUM_TASKS=4, SLURM_NTASKS=4, SLURM_NTASKS_PER_NODE=2,
+                SLURM_STEP_TASKS_PER_NODE="3,1", SLURM_STEP_NODELIST="n[1-2]", LOCAL_WORLD_SIZE=2)
+    env(**base, SLURM_PROCID=3, SLURM_LOCALID=0, SLURM_NODEID=1)
+    assert d._single_process_env() == "srun"
+    assert (os.environ["RANK"], os.environ["LOCAL_RANK"], os.environ["LOCAL_WORLD_SIZE"]) == ("3", "0", "1")
+    for k in LAUNCH_VARS:
+        os.environ.pop(k, None)
+    env(SLURM_PROCID=2, SLURM_LOCALID=2, SLURM_NODEID=0)
+    d._single_process_env()
+    assert (os.environ["RANK"], os.environ["LOCAL_RANK"], os.environ["LOCAL_WORLD_SIZE"]) == ("2", "2", "3")
+
+
+def test_srun_honours_dapt_master_addr_and_port(env):
+    # PATH without scontrol: the given address is used, the node list is not looked up
+    env(SLURM_JOB_ID=8, SLURM_STEP_ID=0, SLURM_PROCID=1, SLURM_STEP_NUM_TASKS=2, SLURM_NTASKS=2, SLURM_LOCALID=1,
+        SLURM_STEP_TASKS_PER_NODE="2", SLURM_STEP_NODELIST="n1", DAPT_MASTER_ADDR="10.9.8.7", DAPT_MASTER_PORT=" 29501",
+        PATH="/nonexistent")
+    assert d._single_process_env() == "srun"
+    assert launch_vars() == {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+                             "MASTER_ADDR": "10.9.8.7", "MASTER_PORT": "29501"}
+
+
+def test_mpirun_honours_dapt_master_addr_and_port(env):
+    env(OMPI_COMM_WORLD_RANK=0, OMPI_COMM_WORLD_SIZE=2, OMPI_COMM_WORLD_LOCAL_RANK=0, OMPI_COMM_WORLD_LOCAL_SIZE=1,
+        DAPT_MASTER_ADDR="10.0.0.2", DAPT_MASTER_PORT=29502)
+    assert d._single_process_env() == "mpirun"  # both given: no mpi4py broadcast
+    assert (os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"], os.environ["LOCAL_WORLD_SIZE"]) == ("10.0.0.2", "29502", "1")
+
+
+@pytest.mark.parametrize("port", ["abc", "0", "65536", "-1", "29500.0", "2 9"])
+def test_bad_dapt_master_port_is_one_line(env, port):
+    env(SLURM_JOB_ID=8, SLURM_STEP_ID=0, SLURM_PROCID=0, SLURM_STEP_NUM_TASKS=2, SLURM_NTASKS=2,
+        SLURM_STEP_NODELIST="n1", DAPT_MASTER_ADDR="10.9.8.7", DAPT_MASTER_PORT=port)
+    with pytest.raises(DaptError) as e:
+        d._single_process_env()
+    assert str(e.value) == f"DAPT_MASTER_PORT={port}: expected a port number (1-65535)"
+    for k in LAUNCH_VARS:
+        os.environ.pop(k, None)
+    env(OMPI_COMM_WORLD_RANK=0, OMPI_COMM_WORLD_SIZE=2)  # the same check under mpirun
+    with pytest.raises(DaptError, match="expected a port number"):
+        d._single_process_env()
+
+
+def test_launcher_rendezvous_wins_over_dapt_master(env):
+    env(SLURM_JOB_ID=8, SLURM_STEP_ID=0, SLURM_PROCID=0, SLURM_STEP_NUM_TASKS=2, SLURM_NTASKS=2, SLURM_STEP_NODELIST="n1",
+        MASTER_ADDR="10.1.1.1", MASTER_PORT=1234, DAPT_MASTER_ADDR="10.9.8.7", DAPT_MASTER_PORT="bad")
+    d._single_process_env()  # DAPT_MASTER_PORT is not read, so not checked
+    assert (os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]) == ("10.1.1.1", "1234")
+
+
+def test_plain_python_ignores_a_stale_local_world_size(env):
+    env(LOCAL_WORLD_SIZE=8)
+    assert d._single_process_env() == "single" and os.environ["LOCAL_WORLD_SIZE"] == "1"
+
+
+def test_rendezvous_line(env):
+    env(MASTER_ADDR="127.0.0.1", MASTER_PORT=23456)
+    assert d.rendezvous_line("srun", 4, "gloo") == "dapt: launcher srun: 4 ranks (gloo), master 127.0.0.1:23456"
+
+
+# --- what the Slurm scripts hand over (stand-in commands, no cluster) ---------------------------------
+
+STALE = {"RANK": "5", "WORLD_SIZE": "9", "LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "7", "MASTER_ADDR": "stale.host",
+         "MASTER_PORT": "1", "OMPI_COMM_WORLD_RANK": "4"}
+
+
+def _stub(bin_dir: Path, name: str, body: str) -> None:
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / name).write_text("#!/bin/bash\n" + body)
+    (bin_dir / name).chmod(0o755)
+
+
+def _script_env(tmp_path: Path, **more) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "DAPT_"))}
+    env.update(STALE, PATH=f"{tmp_path / 'bin'}{os.pathsep}{env['PATH']}", DAPT_VENV="none", DAPT_PYTHON="python3")
+    env.update({k: str(v) for k, v in more.items()})
+    return env
+
+
+def test_launch_runs_python_directly_without_launcher_variables(tmp_path):
+    """dapt_launch: `srun ... python SCRIPT ARGS`, nothing between srun and python, no rank or rendezvous
+    variables of its own or of the submitting shell (each task derives them in dapt/distributed.py)."""
+    _stub(tmp_path / "bin", "srun", f'env > {tmp_path}/task_env; printf "%s\\n" "$@" > {tmp_path}/argv; exit "$SRUN_RC"\n')
+    script = f'source {ROOT}/slurm/launch.sh; dapt_init; dapt_launch launch/mlm.py --output_dir "a b"'
+    proc = subprocess.run(["bash", "-c", script], env=_script_env(tmp_path, SLURM_JOB_ID=42, SLURM_JOB_NODELIST="n1",
+                          SLURM_NTASKS=2, SLURM_CPUS_PER_TASK=3, SRUN_RC=0), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    argv = (tmp_path / "argv").read_text().splitlines()
+    assert argv == ["--kill-on-bad-exit=0", "--wait=60", "--cpus-per-task=3", "python3", "launch/mlm.py",
+                    "--output_dir", "a b"]
+    task_env = dict(line.split("=", 1) for line in (tmp_path / "task_env").read_text().splitlines() if "=" in line)
+    assert not set(STALE) & set(task_env), set(STALE) & set(task_env)
+    assert task_env["OMP_NUM_THREADS"] == "3" and task_env["TOKENIZERS_PARALLELISM"] == "false"
+    assert "dapt-slurm: job 42 () run 1 on n1: 2 tasks" in proc.stdout and "dapt-slurm: finished" in proc.stdout
+    assert "master" not in proc.stdout  # the rendezvous is rank 0's to report
+
+
+def test_launch_exit_75_without_requeue(tmp_path):
+    _stub(tmp_path / "bin", "srun", "exit 75\n")
+    proc = subprocess.run(["bash", "-c", f"source {ROOT}/slurm/launch.sh; dapt_init; dapt_launch x.py"],
+                          env=_script_env(tmp_path, SLURM_JOB_ID=42, SLURM_JOB_NODELIST="n1", DAPT_REQUEUE=0),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 75 and "DAPT_REQUEUE=0, so resubmit the same job to resume" in proc.stdout
+
+
+def test_pipeline_submits_three_stages_with_the_run_layout(tmp_path):
+    """slurm/pipeline.sh outside a job (launch.sh's helpers need none): <dir>/mlm -> <dir>/finetune -> <dir>/eval."""
+    _stub(tmp_path / "bin", "sbatch", f'n=$(( $(cat {tmp_path}/n 2>/dev/null || echo 100) + 1 )); echo $n > {tmp_path}/n\n'
+          f'echo "$n $DAPT_OUTPUT_DIR ${{DAPT_MODEL:-}} $DAPT_CONFIG $DAPT_ROOT $*" >> {tmp_path}/calls; echo "$n;dapt"\n')
+    env = _script_env(tmp_path, DAPT_OUTPUT_DIR="runs/x", DAPT_CONFIG="recipes/demo.yaml", DAPT_GPUS_PER_NODE=0,
+                      DAPT_MLM_ARGS="--num_epochs 1")
+    proc = subprocess.run([str(ROOT / "slurm" / "pipeline.sh"), "--time=5"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "mlm=101 finetune=102 eval=103\n"
+    calls = [line.split(" ") for line in (tmp_path / "calls").read_text().splitlines()]
+    out, recipe, slurm = tmp_path / "runs" / "x", str(ROOT / "recipes" / "demo.yaml"), ROOT / "slurm"
+    assert calls[0] == ["101", f"{out}/mlm", "", recipe, str(ROOT), "--parsable", "--gres=none", "--time=5",
+                        f"{slurm}/mlm.sh", "--num_epochs", "1"]
+    assert calls[1][:5] == ["102", f"{out}/finetune", f"{out}/mlm", recipe, str(ROOT)]
+    assert calls[1][5:] == ["--parsable", "--dependency=afterok:101", "--kill-on-invalid-dep=yes", "--gres=none",
+                            "--time=5", f"{slurm}/finetune.sh"]
+    assert calls[2][:3] == ["103", f"{out}/eval", f"{out}/finetune"] and "--dependency=afterok:102" in calls[2]
+    assert (tmp_path / "logs").is_dir()
+
+
+def test_pipeline_bad_config_is_one_line(tmp_path):
+    _stub(tmp_path / "bin", "sbatch", "exit 1\n")
+    proc = subprocess.run([str(ROOT / "slurm" / "pipeline.sh")], cwd=tmp_path, capture_output=True, text=True,
+                          env=_script_env(tmp_path, DAPT_CONFIG="recipes/nope.yaml"), timeout=60)
+    assert (proc.returncode, proc.stdout) == (2, "")
+    assert proc.stderr == "dapt-slurm: error: DAPT_CONFIG=recipes/nope.yaml: no such file\n"

@@ -4,7 +4,7 @@ import torch
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
 from dapt.config import ID2LABEL
-from dapt.metrics import confusion_counts, format_table, metrics_from_confusion
+from dapt.eval.metrics import confusion_counts, format_table, metrics_from_confusion
 
 
 @pytest.mark.parametrize("seed", range(20))

@@ -8,17 +8,19 @@ import tarfile
 
 import pytest
 import torch
-
-from dapt import evaluation, finetune, mlm
-from dapt.config import EvalConfig, FinetuneConfig, MLMConfig
-from dapt.data import load_table, tokenize_for_classification
-from dapt.distributed import DistInfo
-from dapt.errors import DaptError
-from dapt.manifest import MANIFEST, load_prepared, stage_settings, vocab_hash
-from dapt.prepare import parse_args, prepare
-
 from conftest import SHARED_IMDB, assert_ok, run_cli
 from test_sources import make_aclimdb
+
+from dapt.commands.prepare import parse_args
+from dapt.config import EvalConfig, FinetuneConfig, MLMConfig
+from dapt.data.classify import tokenize_for_classification
+from dapt.data.prepare import prepare
+from dapt.data.prepared import MANIFEST, load_prepared, stage_settings, vocab_hash
+from dapt.data.sources import load_table
+from dapt.distributed import DistInfo
+from dapt.errors import DaptError
+from dapt.model.settings import resolve_eval_settings
+from dapt.train.tasks import build_classification_task, build_mlm_task
 
 pytestmark = pytest.mark.data
 INFO = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo")
@@ -54,9 +56,9 @@ def test_finetune_prepared_equals_the_stage_and_manifest(tmp_path, tiny_model, t
     manifest = run_prepare("--stage", "finetune", "--output_dir", out, *flags)
     cfg = FinetuneConfig(output_dir="run", model_name_or_path=str(tiny_model), data_files=[str(demo_files["train"])],
                          max_seq_length=48, head_tokens=12, validation_split=0.1, seed=7)
-    own = finetune.build_task(cfg, INFO, tokenizer)
+    own = build_classification_task(cfg, INFO, tokenizer)
     cfg.data_files, cfg.prepared_dir = [], str(out)
-    prepared = finetune.build_task(cfg, INFO, tokenizer)
+    prepared = build_classification_task(cfg, INFO, tokenizer)
     cols = ["input_ids", "label", "length", "truncated"]
     assert rows(prepared.train_data, cols) == rows(own.train_data, cols)
     assert rows(prepared.val_data, cols) == rows(own.val_data, cols)
@@ -82,9 +84,9 @@ def test_mlm_prepared_equals_the_stage(tmp_path, tiny_model, tokenizer, demo_fil
                            "--data_files", demo_files["unlabelled"], "--max_seq_length", 32, "--validation_split", 0.05)
     cfg = MLMConfig(output_dir="run", data_files=[str(demo_files["unlabelled"])], max_seq_length=32,
                     validation_split=0.05)
-    own = mlm.build_task(cfg, INFO, tokenizer)
+    own = build_mlm_task(cfg, INFO, tokenizer)
     cfg.data_files, cfg.prepared_dir = [], str(out)
-    prepared = mlm.build_task(cfg, INFO, tokenizer)
+    prepared = build_mlm_task(cfg, INFO, tokenizer)
     assert prepared.train_blocks["input_ids"] == own.train_blocks["input_ids"]
     assert prepared.val_blocks["input_ids"] == own.val_blocks["input_ids"]
     assert manifest["packing"] is True and manifest["settings"]["stage"] == "mlm"
@@ -98,7 +100,7 @@ def test_evaluate_prepared_equals_the_evaluation_data(tmp_path, tiny_model, toke
                 "--data_files", demo_files["test"], "--max_seq_length", 40, "--truncation", "head")
     cfg = EvalConfig(output_dir="ev", model_name_or_path=str(tiny_model), data_files=[str(demo_files["test"])],
                      max_seq_length=40, truncation="head")
-    evaluation.resolve_eval_settings(cfg, str(tiny_model))
+    resolve_eval_settings(cfg, str(tiny_model))
     own = tokenize_for_classification(load_table(cfg, 0, "label"), tokenizer, 40, "head", cfg.head_tokens)
     cfg.data_files = []
     test = load_prepared(str(out), stage_settings(cfg, "evaluate", tokenizer))["test"]
@@ -136,7 +138,7 @@ def test_manifest_mismatch_is_refused_in_one_line(change, message, tmp_path, tin
         fields = {k: v for k, v in fields.items() if k != "head_tokens"}
     cfg = cls(output_dir="run", prepared_dir=str(out), **fields)
     with pytest.raises(DaptError) as err:
-        (mlm if stage == "mlm" else finetune).build_task(cfg, INFO, tok)
+        (build_mlm_task if stage == "mlm" else build_classification_task)(cfg, INFO, tok)
     line = str(err.value)
     assert line.startswith(f"prepared data {out} does not match this run: ") and message in line and "\n" not in line
 
@@ -146,7 +148,7 @@ def test_damaged_or_foreign_directories_are_refused(tmp_path, tiny_model, tokeni
     run_prepare("--stage", "evaluate", "--output_dir", out, "--model_name_or_path", tiny_model,
                 "--data_files", demo_files["test"], "--max_seq_length", 40, "--truncation", "head")
     cfg = EvalConfig(output_dir="ev", model_name_or_path=str(tiny_model), max_seq_length=40, truncation="head")
-    evaluation.resolve_eval_settings(cfg, str(tiny_model))
+    resolve_eval_settings(cfg, str(tiny_model))
     settings = stage_settings(cfg, "evaluate", tokenizer)
     arrow = next((out / "test").glob("*.arrow"))
     data = bytearray(arrow.read_bytes())

@@ -12,7 +12,6 @@ import time
 import psutil
 import pytest
 import torch
-
 from conftest import ROOT, assert_ok, deepspeed_command, run_cli
 
 pytestmark = [pytest.mark.resume, pytest.mark.dist]

@@ -20,8 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-from conftest import ROOT
+from conftest import ROOT, free_port
 
 CLUSTER = ROOT / ".ci" / "cluster.sh"
 SLURM = ROOT / "slurm"
@@ -177,17 +176,28 @@ def world_size(out: Path) -> int:
     return json.loads((out / "run_config.json").read_text())["world_size"]
 
 
+def rendezvous_lines(log: str) -> list[str]:
+    """Rank 0's line from dapt/distributed.py (the scripts compute no rendezvous of their own)."""
+    return [ln for ln in log.splitlines() if ln.startswith("dapt: launcher ")]
+
+
+# what a submitting shell may have exported (sbatch passes it on): must not reach the tasks
+STALE_LAUNCH_VARS = {"RANK": "5", "WORLD_SIZE": "9", "LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "7",
+                     "MASTER_ADDR": "stale.invalid", "MASTER_PORT": "1"}
+
+
 # --- one node ---------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def reference_mlm(cluster, tmp_path_factory, tiny_model, demo_files, base_env):
-    """`sbatch slurm/mlm.sh` with 2 tasks, uninterrupted (also the reference of the requeue test)."""
+    """`sbatch slurm/mlm.sh` with 2 tasks, uninterrupted (also the reference of the requeue test), submitted
+    from a shell that exported stale launcher variables."""
     cluster.ensure(1)
     work = tmp_path_factory.mktemp("slurm_mlm")
     out = work / "mlm"
     start = time.time()
     job = sbatch([*CPU_MODE, "--ntasks-per-node=2", SLURM / "mlm.sh", *stage_args("mlm", out, demo_files, EPOCHS)],
-                 work, tiny_env(base_env, tiny_model))
+                 work, tiny_env(base_env, tiny_model, **STALE_LAUNCH_VARS))
     log = assert_completed(job)
     return {"job": job, "out": out, "log": log, "seconds": time.time() - start, "work": work}
 
@@ -197,7 +207,11 @@ def test_sbatch_mlm_two_tasks(reference_mlm):
     out, log, job = reference_mlm["out"], reference_mlm["log"], reference_mlm["job"]
     assert (reference_mlm["work"] / "logs" / f"dapt-mlm-{job}.out").is_file()  # #SBATCH --output=logs/%x-%j.out
     assert f"dapt-slurm: job {job} (dapt-mlm) run 1 on " in log and "2 tasks" in log
-    assert re.search(r"dapt-slurm: running: srun --kill-on-bad-exit=0 --wait=60 .*launch/mlm\.py", log)
+    # python is the srun task itself (no shell around it); ranks and rendezvous come from dapt/distributed.py
+    assert re.search(r"dapt-slurm: running: srun --kill-on-bad-exit=0 --wait=60 --cpus-per-task=1 \S+ \S*launch/mlm\.py", log)
+    lines = rendezvous_lines(log)
+    assert len(lines) == 1 and re.fullmatch(r"dapt: launcher srun: 2 ranks \(gloo\), master \S+:\d+", lines[0]), lines
+    assert "stale.invalid" not in log
     assert "dapt-slurm: finished" in log
     assert world_size(out) == 2
     summary = json.loads((out / "summary.json").read_text())
@@ -252,7 +266,9 @@ def test_pipeline_three_dependent_jobs(cluster, tmp_path, tiny_model, demo_files
     start = time.time()
     out = tmp_path / "pipe"
     common = "--max_seq_length 64 --validation_split 0.1 --effective_batch_size 16 --micro_batch_size 4 --save_steps 0"
+    port = free_port()  # a given rendezvous, read by the tasks (dapt/distributed.py)
     env = tiny_env(base_env, tiny_model, DAPT_OUTPUT_DIR=out, DAPT_GPUS_PER_NODE=0,
+                   DAPT_MASTER_ADDR="127.0.0.1", DAPT_MASTER_PORT=port,
                    DAPT_MLM_ARGS=f"--data_files {demo_files['unlabelled']} --num_epochs 1 {common}",
                    DAPT_FINETUNE_ARGS=f"--data_files {demo_files['train']} --num_epochs 1 --head_tokens 16 {common}",
                    DAPT_EVAL_ARGS=f"--data_files {demo_files['test']}")
@@ -274,6 +290,8 @@ def test_pipeline_three_dependent_jobs(cluster, tmp_path, tiny_model, demo_files
     assert world_size(out / "finetune") == 2
     assert f"--model_name_or_path {out / 'mlm'}" in log_of(jobs["finetune"])
     assert f"--model_name_or_path {out / 'finetune'}" in log_of(jobs["eval"])
+    for stage in ("mlm", "finetune"):
+        assert rendezvous_lines(log_of(jobs[stage])) == [f"dapt: launcher srun: 2 ranks (gloo), master 127.0.0.1:{port}"]
     print(f"pipeline: jobs {jobs}, {results['n_examples']} examples evaluated, {time.time() - start:.0f}s")
 
 
@@ -297,6 +315,27 @@ def test_bad_input_is_one_line_and_nonzero(cluster, tmp_path, tiny_model, base_e
 
 
 @pytest.mark.slurm
+def test_prepare_job_writes_a_manifest(cluster, tmp_path, tiny_model, demo_files, base_env):
+    """`sbatch slurm/prepare.sh --stage finetune ...`: the launch.sh environment set-up (DAPT_PYTHON), the
+    checkout's launch/prepare.py by absolute path, one CPU = one tokenising worker, output in logs/."""
+    cluster.ensure(1)
+    start = time.time()
+    out = tmp_path / "prep"
+    job = sbatch(["--cpus-per-task=1", "--mem=500M", SLURM / "prepare.sh", "--stage", "finetune",
+                  "--data_files", demo_files["train"], "--model_name_or_path", tiny_model, "--output_dir", "prep",
+                  "--max_seq_length", 64, "--head_tokens", 16], tmp_path, tiny_env(base_env, tiny_model))
+    log = assert_completed(job, timeout=180)
+    assert (tmp_path / "logs" / f"dapt-prepare-{job}.out").is_file()  # #SBATCH --output=logs/%x-%j.out
+    assert f"dapt-slurm: running: {sys.executable} {ROOT / 'launch' / 'prepare.py'} --num_proc 1 --stage finetune" in log
+    assert "prepared finetune data in" in log
+    manifest = json.loads((out / "manifest.json").read_text())  # relative --output_dir: the submit directory
+    assert manifest["settings"]["stage"] == "finetune" and manifest["settings"]["max_seq_length"] == 64
+    assert manifest["source"]["rows"] == 192 and manifest["tokenizer"]["name"] == str(tiny_model)
+    assert sum(split["examples"] for split in manifest["splits"].values()) == 192
+    print(f"sbatch slurm/prepare.sh: {sorted(manifest['splits'])}, {time.time() - start:.0f}s")
+
+
+@pytest.mark.slurm
 @pytest.mark.mpi
 def test_srun_mpi_pmix(cluster, mpi_ready, tmp_path, tiny_model, demo_files, base_env):
     """`srun --mpi=pmix python launch/mlm.py`: no launcher variables, ranks from PMIX_RANK/SLURM_*."""
@@ -311,6 +350,7 @@ def test_srun_mpi_pmix(cluster, mpi_ready, tmp_path, tiny_model, demo_files, bas
                  job_env(base_env, OMP_NUM_THREADS="1"))
     log = assert_completed(job)
     assert sorted(ln for ln in log.splitlines() if ln.strip() in ("0", "1")) == ["0", "1"]  # PMIX_RANK 0 and 1
+    assert len(rendezvous_lines(log)) == 1 and rendezvous_lines(log)[0].startswith("dapt: launcher srun: 2 ranks")
     assert world_size(out) == 2 and max(steps_and_losses(out)) == 9
     print(f"srun --mpi=pmix: 2 ranks, {time.time() - start:.0f}s")
 
@@ -327,6 +367,7 @@ def test_mpirun(mpi_ready, tmp_path, tiny_model, demo_files, base_env):
            "--ds_config", "ds_configs/zero2_auto.json", *stage_args("mlm", out, demo_files, 1)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert [ln.rsplit(":", 1)[0] for ln in rendezvous_lines(proc.stdout)] == ["dapt: launcher mpirun: 2 ranks (gloo), master 127.0.0.1"]
     assert world_size(out) == 2 and max(steps_and_losses(out)) == 9
     print(f"mpirun -np 2: 2 ranks, {time.time() - start:.0f}s")
 
@@ -346,7 +387,9 @@ def test_two_nodes_four_ranks_and_hostfile(cluster, tmp_path, tiny_model, demo_f
     assert_completed(hostfile, timeout=60)
     assert (tmp_path / "hostfile").read_text() == "n1 slots=2\nn2 slots=2\n"
     log = assert_completed(job, timeout=300)
-    assert "on n[1-2]: 4 tasks" in log and "master 127.0.0.1:" in log  # n1 does not resolve: its NodeAddr
+    assert "on n[1-2]: 4 tasks" in log
+    # rank 0's line: n1 does not resolve, so the master is its NodeAddr
+    assert [ln.rsplit(":", 1)[0] for ln in rendezvous_lines(log)] == ["dapt: launcher srun: 4 ranks (gloo), master 127.0.0.1"]
     assert world_size(out) == 4
     assert sorted(steps_and_losses(out)) == list(range(1, 10))  # the effective batch is fixed: 9 steps
     print(f"2 nodes x 2 tasks: 4 ranks, {time.time() - start:.0f}s")

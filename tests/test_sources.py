@@ -6,12 +6,11 @@ import json
 import tarfile
 
 import pytest
+from conftest import ROOT, SHARED_IMDB
 
 from dapt.config import FinetuneConfig, MLMConfig
+from dapt.data.sources import load_source
 from dapt.errors import DaptError
-from dapt.sources import load_source
-
-from conftest import ROOT, SHARED_IMDB
 
 pytestmark = pytest.mark.data
 SHARED = ROOT.parent / "shared" / "data"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import io
 import json
+import shutil
 import struct
 import subprocess
 import sys
@@ -13,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import ROOT, assert_ok, run_cli
 
 pytestmark = pytest.mark.ux
@@ -109,7 +109,7 @@ def run(tmp_path_factory, tiny_model, demo_files, wandb_env):
                         launcher="deepspeed")
     assert_ok(evaluated)
     return {"out": out, "eval_dir": eval_dir, "wandb_dir": wdir, "first_id": first_id, "first": first,
-            "second": second, "evaluated": evaluated}
+            "second": second, "evaluated": evaluated, "test_file": demo_files["test"]}
 
 
 def test_metrics_jsonl_has_every_training_number(run):
@@ -175,13 +175,23 @@ def test_model_card_quotes_the_measured_eval_results(run):
     model = run["out"] / "model"
     card = (model / "README.md").read_text()
     results = json.loads((run["eval_dir"] / "eval_results.json").read_text())
-    assert json.loads((model / "eval_results.json").read_text()) == results  # the numbers the card quotes
+    assert results["set"] == f"{run['test_file'].parent.name}-test"  # named after its data
+    lo, hi = results["accuracy_ci"]
+    assert lo <= results["accuracy"] <= hi and 0 < hi - lo < 0.5
+    lo, hi = results["f1_macro_ci"]
+    assert lo <= results["f1_macro"] <= hi
+    stored = json.loads((model / "results" / f"{results['set']}.json").read_text())
+    assert stored == results  # the numbers the card quotes
     front = yaml.safe_load(card.split("---\n")[1])
     assert front["pipeline_tag"] == "text-classification"
-    metrics = {m["type"]: m["value"] for m in front["model-index"][0]["results"][0]["metrics"]}
-    assert metrics == {"accuracy": results["accuracy"], "f1": results["f1_macro"]}
-    assert f"| accuracy | {results['accuracy']:.4f} |" in card
-    assert f"| macro F1 | {results['f1_macro']:.4f} |" in card
+    (entry,) = front["model-index"][0]["results"]
+    assert entry["dataset"]["name"] == results["set"]
+    metrics = {m["type"]: (m["value"], m["args"]["ci95"]) for m in entry["metrics"]}
+    assert metrics == {"accuracy": (results["accuracy"], results["accuracy_ci"]),
+                       "f1": (results["f1_macro"], results["f1_macro_ci"])}
+    acc, f1 = results["accuracy_ci"], results["f1_macro_ci"]
+    assert (f"| {results['set']} | 37 | {results['accuracy']:.4f} [{acc[0]:.4f}, {acc[1]:.4f}] | "
+            f"{results['f1_macro']:.4f} [{f1[0]:.4f}, {f1[1]:.4f}] |") in card
     for text in ("## Training procedure", "## Intended use", "## Limitations", "ZeRO stage 2", "head+tail",
                  "train.jsonl", "2 x cpu", "domain shift", "truncated", "| effective batch | 16"):
         assert text in card, text
@@ -189,6 +199,49 @@ def test_model_card_quotes_the_measured_eval_results(run):
     assert f"| epochs / optimizer steps | 2 / {steps} |" in card
     held_out = [r for r in _jsonl(run["out"] / "metrics.jsonl") if "eval_accuracy" in r][-1]
     assert f"accuracy {held_out['eval_accuracy']:.6g}" in card
+    assert "95% intervals: accuracy" in run["evaluated"].stdout  # the printed table shows them too
+
+
+def test_several_sets_predictions_and_concurrent_evaluations_keep_every_result(run, demo_files, tmp_path,
+                                                                                base_env):
+    """--eval_sets: one results file per set, a combined table, per-set predictions in input order (ids
+    kept); the card keeps one entry per set, and two evaluation jobs on one model at once lose none."""
+    model = tmp_path / "model"
+    shutil.copytree(run["out"] / "model", model)
+    rows = [json.loads(line) for line in demo_files["test"].read_text().splitlines()][::-1][:23]  # odd N
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps({**r, "id": f"r{i:03d}"}) + "\n" for i, r in enumerate(rows)))
+    out = tmp_path / "eval"
+    proc = run_cli("evaluate.py", ["--model_name_or_path", model, "--eval_sets", f"demo={demo_files['test']}",
+                                   f"other={other}", "--save_predictions", "--output_dir", out,
+                                   "--eval_batch_size", "4"], base_env, ranks=2, launcher="deepspeed")
+    assert_ok(proc)
+    demo, oth = (json.loads((out / f"eval_results-{n}.json").read_text()) for n in ("demo", "other"))
+    assert (demo["set"], demo["n_examples"], oth["set"], oth["n_examples"]) == ("demo", 37, "other", 23)
+    table = (out / "eval_table.md").read_text()
+    assert "| demo | 37 |" in table and "| other | 23 |" in table
+    preds = _jsonl(out / "predictions-other.jsonl")
+    assert [p["id"] for p in preds] == [f"r{i:03d}" for i in range(23)] and [p["row"] for p in preds] == list(range(23))
+    assert [p["label"] for p in preds] == [["negative", "positive"][r["label"]] for r in rows]
+    correct = sum(p["label"] == p["predicted"] for p in preds)
+    assert correct == oth["confusion_matrix"][0][0] + oth["confusion_matrix"][1][1]
+    # two jobs at once on the same model, each with its own set: the card ends with all four entries
+    jobs = [subprocess.Popen([sys.executable, str(ROOT / "launch" / "evaluate.py"), "--model_name_or_path", model,
+                              "--data_files", other, "--eval_name", name, "--output_dir", tmp_path / name],
+                             env=base_env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for name in ("job-a", "job-b")]
+    for job in jobs:
+        stdout, stderr = job.communicate(timeout=300)
+        assert job.returncode == 0, stderr[-3000:]
+    sets = {"demo", "other", "job-a", "job-b", json.loads((run["eval_dir"] / "eval_results.json").read_text())["set"]}
+    assert {p.stem for p in (model / "results").glob("*.json")} == sets
+    front = yaml.safe_load((model / "README.md").read_text().split("---\n")[1])
+    assert {r["dataset"]["name"] for r in front["model-index"][0]["results"]} == sets
+    # evaluating a set again replaces only that set's entry
+    again = run_cli("evaluate.py", ["--model_name_or_path", model, "--data_files", other, "--eval_name", "job-a",
+                                    "--output_dir", tmp_path / "again"], base_env)
+    assert_ok(again)
+    assert {p.stem for p in (model / "results").glob("*.json")} == sets
 
 
 def test_export_command_writes_a_card_before_evaluation(run, tmp_path, base_env):
@@ -199,7 +252,7 @@ def test_export_command_writes_a_card_before_evaluation(run, tmp_path, base_env)
 
 
 def test_mlm_card_and_lineage(tmp_path):
-    from dapt.model_card import CARD_DATA, render, update_with_eval
+    from dapt.model.card import CARD_DATA, record_results, render
 
     data = {"arch": "mlm", "settings": {"stage": "mlm", "max_seq_length": 128, "mlm_probability": 0.15},
             "base_model": "bert-base-uncased", "steps": 300, "checkpoint": "step0000300",
@@ -208,28 +261,34 @@ def test_mlm_card_and_lineage(tmp_path):
             "engine": {"zero_stage": 3, "precision": "bf16", "world_size": 8, "device": "cuda:0"},
             "model": {"type": "bert", "layers": 12, "hidden_size": 768, "parameters": 110_000_000},
             "validation": {"step": 300, "eval_loss": 1.9, "eval_perplexity": 6.7}}
-    card = render(data, None, "imdb-mlm")
+    card = render(data, [], "imdb-mlm")
     front = yaml.safe_load(card.split("---\n")[1])
     assert front["pipeline_tag"] == "fill-mask" and front["base_model"] == "bert-base-uncased"
     assert front["datasets"] == ["stanfordnlp/imdb"] and "model-index" not in front
     assert "perplexity 6.7" in card and "ZeRO stage 3, bf16, 8 x cuda:0" in card and "p = 0.15" in card
     assert "## Limitations" in card and "Two labels only" not in card
     # the evaluation job leaves folders that dapt did not export alone
-    assert update_with_eval(tmp_path, {"accuracy": 1.0}) is None and not (tmp_path / "README.md").exists()
+    assert record_results(tmp_path, {"set": "x", "accuracy": 1.0}) is None and not (tmp_path / "README.md").exists()
     assert not (tmp_path / CARD_DATA).exists()
 
 
 # --- report ---------------------------------------------------------------------------------------
 
 def test_report_plots_and_summary(run, tmp_path):
-    # a pipeline-shaped directory: finetune/ (a stage) and eval_results.json
+    # a pipeline-shaped directory (dapt/layout.py): finetune/ (a stage) and eval/eval_results.json
+    from dapt.layout import RunLayout
+
     pipe = tmp_path / "pipe"
-    pipe.mkdir()
-    (pipe / "finetune").symlink_to(run["out"], target_is_directory=True)
-    (pipe / "eval_results.json").write_bytes((run["eval_dir"] / "eval_results.json").read_bytes())
-    proc = subprocess.run([sys.executable, "-m", "dapt.cli", "report", str(pipe)], cwd=ROOT, capture_output=True,
+    layout = RunLayout(pipe)
+    layout.eval.root.mkdir(parents=True)
+    layout.finetune.root.symlink_to(run["out"], target_is_directory=True)
+    layout.eval.results.write_bytes((run["eval_dir"] / "eval_results.json").read_bytes())
+    proc = subprocess.run([sys.executable, "-m", "dapt", "report", str(pipe)], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+    # it says what it wrote, one path a line (not a Python dict)
+    assert proc.stdout.splitlines()[0] == f"report written to {pipe / 'report'}:"
+    assert f"  {pipe / 'report' / 'report.md'}" in proc.stdout.splitlines() and "{" not in proc.stdout
     report = pipe / "report"
     from PIL import Image
 
@@ -238,9 +297,9 @@ def test_report_plots_and_summary(run, tmp_path):
         assert img.format == "PNG" and img.size[0] >= 400
         assert len(img.convert("L").getcolors(1 << 16)) > 50  # drawn content, not a blank canvas
     md = (report / "report.md").read_text()
-    results = json.loads((pipe / "eval_results.json").read_text())
-    assert f"| accuracy | {results['accuracy']:.4f} |" in md and "![finetune](finetune_training.png)" in md
-    bad = subprocess.run([sys.executable, "-m", "dapt.cli", "report", str(tmp_path / "nope")], cwd=ROOT,
+    results = json.loads(layout.eval.results.read_text())
+    assert f"| accuracy | {results['accuracy']:.4f} [" in md and "![finetune](finetune_training.png)" in md
+    bad = subprocess.run([sys.executable, "-m", "dapt", "report", str(tmp_path / "nope")], cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("dapt: error: run directory not found")
 
@@ -252,7 +311,7 @@ def _reference(model_dir: Path, texts: list[str]) -> list[tuple[str, float]]:
     import datasets
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from dapt.data import tokenize_for_classification
+    from dapt.data.classify import tokenize_for_classification
 
     cfg = json.loads((model_dir / "config.json").read_text())["dapt"]
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -268,7 +327,7 @@ def _reference(model_dir: Path, texts: list[str]) -> list[tuple[str, float]]:
 
 
 def _predict(args, env, stdin=None):
-    return subprocess.run([sys.executable, "-m", "dapt.cli", "predict", *map(str, args)], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "dapt", "predict", *map(str, args)], cwd=ROOT, env=env,
                           input=stdin, capture_output=True, text=True, timeout=120)
 
 
@@ -296,13 +355,34 @@ def test_predict_matches_training_truncation_from_args_file_and_stdin(run, base_
 
 
 def test_predict_truncation_really_is_head_plus_tail(run):
-    from dapt.predict import Predictor
+    from dapt.model.settings import InputSettings
+    from dapt.serve.predict import Predictor
 
     p = Predictor(run["out"] / "model", device="cpu")
-    assert p.settings == {"max_seq_length": 64, "truncation": "head+tail", "head_tokens": 16}
+    assert p.settings == InputSettings(max_seq_length=64, truncation="head+tail", head_tokens=16)
     (ids,) = p.encode([LONG_REVIEW])
     full = p.tokenizer(LONG_REVIEW, add_special_tokens=False)["input_ids"]
     assert len(ids) == 64 and ids[1:17] == full[:16] and ids[17:-1] == full[-46:]
+
+
+def test_predict_and_evaluate_resolve_the_same_settings(run, tiny_model, tmp_path):
+    """One reader of "how was this model trained": the evaluation job and predict cut a review the same
+    way, for a dapt model and for a foreign one (no `dapt` entry: the package defaults for both)."""
+    from dapt.config import EvalConfig
+    from dapt.model.settings import InputSettings, resolve_eval_settings
+    from dapt.serve.predict import Predictor
+
+    foreign = tmp_path / "foreign"
+    shutil.copytree(run["out"] / "model", foreign)
+    config = json.loads((foreign / "config.json").read_text())
+    del config["dapt"]
+    (foreign / "config.json").write_text(json.dumps(config))
+    for model, expected in ((run["out"] / "model", InputSettings(64, "head+tail", 16)),
+                            (foreign, InputSettings(128, "head+tail", 31))):  # 128 positions: (128 - 2) // 4 head
+        cfg = EvalConfig(output_dir="x", model_name_or_path=str(model))
+        resolve_eval_settings(cfg, str(model))
+        assert InputSettings(cfg.max_seq_length, cfg.truncation, cfg.head_tokens) == expected
+        assert Predictor(model, device="cpu").settings == expected
 
 
 def test_predict_bad_input_is_one_line(run, base_env, tmp_path):
@@ -323,7 +403,7 @@ class _Tty(io.StringIO):
 
 
 def test_progress_bar_in_a_terminal_and_lines_elsewhere():
-    from dapt.tracking import Progress
+    from dapt.observe.progress import Progress
 
     tty = _Tty()
     bar = Progress(total_steps=10, initial_step=4, stream=tty)
@@ -344,7 +424,7 @@ def test_progress_bar_in_a_terminal_and_lines_elsewhere():
 
 
 def test_wandb_mode_resolution():
-    from dapt.tracking import resolve_wandb_mode, wandb_group
+    from dapt.observe.tracking import resolve_wandb_mode, wandb_group
 
     pytest.importorskip("wandb")
     assert resolve_wandb_mode("auto", {"WANDB_MODE": "offline"}) == "offline"
@@ -364,7 +444,7 @@ def test_bad_wandb_settings_are_one_line_errors(base_env, tmp_path):
 
 
 def test_wandb_failure_never_stops_training(tmp_path, capsys):
-    from dapt.tracking import WandbRun
+    from dapt.observe.tracking import WandbRun
 
     class Broken:
         id = "x"
@@ -383,9 +463,9 @@ def test_wandb_failure_never_stops_training(tmp_path, capsys):
 # --- cli and gradio --------------------------------------------------------------------------------
 
 def test_cli_lists_commands():
-    proc = subprocess.run([sys.executable, "-m", "dapt.cli", "--help"], cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "dapt", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0 and all(c in proc.stdout for c in ("report", "predict", "mlm", "finetune", "demo"))
-    bad = subprocess.run([sys.executable, "-m", "dapt.cli", "fly"], cwd=ROOT, capture_output=True, text=True)
+    bad = subprocess.run([sys.executable, "-m", "dapt", "fly"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown command 'fly'" in bad.stderr
 
 
@@ -394,7 +474,8 @@ def test_gradio_demo_headless(run, monkeypatch):
     gradio_client = pytest.importorskip("gradio_client")
     monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
     from conftest import free_port
-    from dapt.app import build_demo
+
+    from dapt.serve.app import build_demo
 
     model = run["out"] / "model"
     expected = _reference(model, ["I loved every minute of it.", LONG_REVIEW])

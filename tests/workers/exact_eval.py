@@ -5,12 +5,11 @@ import json
 import sys
 
 import datasets
-import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from dapt.data import tokenize_for_classification
+from dapt.data.classify import tokenize_for_classification
 from dapt.distributed import main_process_first, setup_distributed, shutdown
-from dapt.evaluation import score_classifier
+from dapt.eval.scoring import score_classifier, score_with_predictions
 
 model_dir, data_file, out_file = sys.argv[1:4]
 sizes = [int(x) for x in sys.argv[4].split(",")]
@@ -25,6 +24,12 @@ for n in sizes:
     for bs in (1, 4, 16):
         res = score_classifier(lambda b: model(**b).logits, data, info, bs, tok.pad_token_id, info.device)
         results[f"{n}/{bs}"] = res
+        with_preds, preds = score_with_predictions(lambda b: model(**b).logits, data, info, bs, tok.pad_token_id,
+                                                   info.device)
+        assert with_preds == res  # the same counts either way
+        assert (preds is None) == (not info.is_main)
+        if preds is not None:
+            results[f"{n}/{bs}"] = {**res, "predictions": preds}
 if info.is_main:
     with open(out_file, "w") as f:
         json.dump({"world_size": info.world_size, "results": results}, f)

@@ -9,6 +9,7 @@ its recorded size.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import random
@@ -17,19 +18,19 @@ import shutil
 import signal
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
+from deepspeed.accelerator import get_accelerator
 
+from dapt.distributed import DistInfo, barrier
 from dapt.errors import DaptError
+from dapt.io import atomic_write_text, read_json
 
 STATE_FILE = "dapt_state.json"
 LATEST = "latest"
 PIN_FILE = "PINNED"  # `touch checkpoints/<tag>/PINNED` keeps a checkpoint beyond keep_last
-# Exit code of a run that saved a checkpoint because it was told to stop (SIGUSR1/SIGTERM):
-# "requeue me" for launch scripts (75 = EX_TEMPFAIL, "try again later").
-EXIT_REQUEUE = 75
 
 
 @dataclass
@@ -54,8 +55,6 @@ def tag_for(step: int) -> str:
 # --- RNG ------------------------------------------------------------------------------------------
 
 def rng_state() -> dict[str, Any]:
-    from deepspeed.accelerator import get_accelerator
-
     acc = get_accelerator()
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if acc.device_name() != "cpu":
@@ -64,8 +63,6 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    from deepspeed.accelerator import get_accelerator
-
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -83,11 +80,15 @@ class StopFlag:
 
     def __init__(self) -> None:
         self.signum: int | None = None
-        for sig in self.SIGNALS:
-            signal.signal(sig, self._handler)
+        self._previous = {sig: signal.signal(sig, self._handler) for sig in self.SIGNALS}
 
     def _handler(self, signum: int, frame: Any) -> None:
         self.signum = signum
+
+    def restore(self) -> None:
+        """Put back the handlers this flag replaced (an in-process caller outlives the run)."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
     @property
     def raised(self) -> bool:
@@ -108,38 +109,60 @@ def inject(point: str, rank: int, step: int) -> None:
             os.kill(os.getpid(), signal.SIGKILL if what == "kill" else signal.SIGUSR1)
 
 
-def save(engine: Any, root: Path, position: TrainPosition, rank: int, is_main: bool, write_meta: Any,
-         keep_last: int, pinned: list[str]) -> Path:
-    """Save a complete checkpoint (collective: every rank calls it at the same step)."""
-    from dapt.distributed import barrier
+class CheckpointManager:
+    """Save, prune and restore one run's checkpoints under `root` (collective calls: every rank)."""
 
-    tag = tag_for(position.step)
-    tag_dir = root / tag
-    if is_main and tag_dir.exists():  # a leftover of an interrupted save of this very step
-        shutil.rmtree(tag_dir)
-    barrier()
-    engine.save_checkpoint(str(root), tag=tag, client_state={"dapt": asdict(position)}, save_latest=False)
-    torch.save(rng_state(), tag_dir / f"rng_rank{rank}.pt")
-    inject("save", rank, position.step)  # a rank dying mid-save (tests)
-    barrier()  # every rank's shards are on disk
-    if is_main:
-        write_meta(tag_dir)
-        files = {str(p.relative_to(tag_dir)): p.stat().st_size for p in sorted(tag_dir.rglob("*"))
-                 if p.is_file() and p.name != STATE_FILE}
-        _atomic_write(tag_dir / STATE_FILE, json.dumps({"position": asdict(position), "files": files}, indent=1))
-        _atomic_write(root / LATEST, tag)
-        prune(root, keep_last, pinned)
-    barrier()
-    return tag_dir
+    def __init__(self, root: Path, info: DistInfo, keep_last: int, pinned: list[str],
+                 write_meta: Callable[[Path], None]):
+        self.root, self.info = root, info
+        self.keep_last, self.pinned = keep_last, list(pinned)
+        self.write_meta = write_meta  # rank 0 adds what export needs (config, tokenizer) to a tag
+
+    def save(self, engine: Any, position: TrainPosition, extra: dict[str, Any] | None = None) -> Path:
+        """A complete checkpoint of this step: shards and RNG states of every rank, then (rank 0) the
+        export metadata, the state file (the position and `extra`, e.g. the selection state), `latest`,
+        and pruning."""
+        tag_dir = self.root / tag_for(position.step)
+        if self.info.is_main and tag_dir.exists():  # a leftover of an interrupted save of this very step
+            shutil.rmtree(tag_dir)
+        barrier()
+        engine.save_checkpoint(str(self.root), tag=tag_dir.name, client_state={"dapt": asdict(position)},
+                               save_latest=False)
+        torch.save(rng_state(), tag_dir / f"rng_rank{self.info.rank}.pt")
+        inject("save", self.info.rank, position.step)  # a rank dying mid-save (tests)
+        barrier()  # every rank's shards are on disk
+        if self.info.is_main:
+            self.write_meta(tag_dir)
+            _write_state(tag_dir, asdict(position), extra)
+            atomic_write_text(self.root / LATEST, tag_dir.name)
+            prune(self.root, self.keep_last, self.pinned)
+        barrier()
+        return tag_dir
+
+    def pin(self, tag: str) -> None:
+        """Keep `tag` beyond keep_last (e.g. the best checkpoint)."""
+        if tag not in self.pinned:
+            self.pinned.append(tag)
+
+    def unpin(self, tag: str) -> None:
+        if tag in self.pinned:
+            self.pinned.remove(tag)
+
+    def load(self, engine: Any, tag_dir: Path, same_world: bool) -> TrainPosition:
+        return load(engine, tag_dir, self.info.rank, same_world)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+def _write_state(tag_dir: Path, position: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
+    """The state file, written last: the position, `extra`, and the size of every other file of the tag."""
+    files = {str(p.relative_to(tag_dir)): p.stat().st_size for p in sorted(tag_dir.rglob("*"))
+             if p.is_file() and p.name != STATE_FILE}
+    atomic_write_text(tag_dir / STATE_FILE, json.dumps({"position": position, **(extra or {}), "files": files},
+                                                       indent=1))
+
+
+def read_state(tag_dir: Path) -> dict[str, Any]:
+    """A checkpoint's state file (position, selection, files); {} when there is none."""
+    return read_json(tag_dir / STATE_FILE, {}) or {}
 
 
 def prune(root: Path, keep_last: int, pinned: list[str]) -> list[str]:
@@ -227,14 +250,10 @@ def load(engine: Any, tag_dir: Path, rank: int, same_world: bool) -> TrainPositi
 
 # --- a changed world size -------------------------------------------------------------------------
 
-def to_universal(tag_dir: Path, info: Any) -> Path:
+def to_universal(tag_dir: Path, info: DistInfo) -> Path:
     """Convert a checkpoint to DeepSpeed's universal format (per-parameter fp32 weights and Adam
     moments), which any world size can load and re-partition. Done once by rank 0, beside the
     original as `<tag>.universal`; the original stays untouched."""
-    import argparse
-
-    from dapt.distributed import barrier
-
     out = tag_dir.with_name(tag_dir.name + ".universal")
     if info.is_main and not (out / STATE_FILE).is_file():
         from deepspeed.checkpoint import ds_to_universal
@@ -248,9 +267,8 @@ def to_universal(tag_dir: Path, info: Any) -> Path:
             ds_to_universal.main(args)
         except Exception as exc:  # DeepSpeed raises many kinds here
             raise DaptError(f"cannot convert {tag_dir} for a new world size: {type(exc).__name__}: {exc}") from None
-        state = json.loads((tag_dir / STATE_FILE).read_text())
-        files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-        _atomic_write(tmp / STATE_FILE, json.dumps({"position": state["position"], "files": files}, indent=1))
+        state = read_json(tag_dir / STATE_FILE)
+        _write_state(tmp, state["position"], {k: v for k, v in state.items() if k not in ("position", "files")})
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)
     barrier()

@@ -17,19 +17,17 @@ launch/pipeline.py and the Slurm pipeline script).
 from __future__ import annotations
 
 import importlib.util
-import io
 import math
 import os
 import sys
-import time
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Mapping, TextIO
+from typing import Any, Mapping
 
 from dapt.errors import DaptError, first_line
+from dapt.layout import StageLayout
 
 WANDB_MODES = ("auto", "online", "offline", "disabled")
-PROGRESS_MODES = ("auto", "bar", "lines")
-RUN_ID_FILE = "wandb_run_id"
 GROUP_ENV = "DAPT_WANDB_GROUP"
 _ENV_MODES = {"online": "online", "run": "online", "offline": "offline", "dryrun": "offline",
               "disabled": "disabled", "disable": "disabled", "off": "disabled"}
@@ -145,7 +143,7 @@ def start_wandb(mode: str, *, project: str, group: str | None, name: str, job_ty
     `keep_id`: store the run id in `<output_dir>/wandb_run_id` (training stages, which resume)."""
     if mode == "disabled":
         return WandbRun(None)
-    id_file = output_dir / RUN_ID_FILE
+    id_file = StageLayout(output_dir).wandb_run_id
     try:
         import wandb
 
@@ -172,120 +170,9 @@ def start_wandb(mode: str, *, project: str, group: str | None, name: str, job_ty
         return WandbRun(None)
 
 
-# --- console --------------------------------------------------------------------------------------
-
-def format_duration(seconds: float) -> str:
-    if not math.isfinite(seconds) or seconds < 0:
-        return "?"
-    seconds = int(round(seconds))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
-
-
-class Progress:
-    """A tqdm bar with ETA in a terminal; plain lines (one per logging step, with the ETA) otherwise,
-    so Slurm logs hold no carriage-return noise."""
-
-    def __init__(self, total_steps: int, initial_step: int, mode: str = "auto", stream: TextIO | None = None):
-        self.stream = stream or sys.stdout
-        self.total, self.start_step = total_steps, initial_step
-        self.started = time.perf_counter()
-        self.bar = None
-        isatty = getattr(self.stream, "isatty", lambda: False)
-        self.used_bar = mode == "bar" or (mode == "auto" and isatty())
-        if self.used_bar:
-            from tqdm.auto import tqdm
-
-            try:  # a terminal that reports no size (some ptys) would hide the bar
-                size = os.get_terminal_size(self.stream.fileno())
-                sized = size.columns > 0 and size.lines > 0
-            except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
-                sized = False
-            self.bar = tqdm(total=total_steps, initial=initial_step, unit="step", file=self.stream,
-                            dynamic_ncols=sized, ncols=None if sized else 100, nrows=None if sized else 20,
-                            smoothing=0.05, desc="train")
-
-    def eta_seconds(self, step: int) -> float:
-        done = step - self.start_step
-        if done <= 0:
-            return float("nan")
-        return (time.perf_counter() - self.started) / done * (self.total - step)
-
-    def advance(self, step: int) -> None:
-        if self.bar is not None:
-            self.bar.update(step - self.bar.n)
-
-    def write(self, record: Mapping[str, Any], line: str) -> None:
-        if self.used_bar and "loss" in record:  # train records: on the bar, not above it
-            if self.bar is not None:
-                self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", refresh=False)
-                if record.get("step", 0) >= self.total:  # done: what follows (eval, export) prints below it
-                    self.close()
-            return
-        if self.bar is None:
-            if "grad_norm" in record:
-                line += f" grad_norm {record['grad_norm']:.3g}"
-            if "loss" in record and record.get("step", 0) < self.total:
-                line += f" eta {format_duration(self.eta_seconds(record['step']))}"
-            print(line, file=self.stream, flush=True)
-        else:
-            self.bar.write(line, file=self.stream)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.refresh()
-            self.bar.close()
-            self.bar = None
-
-
-class Tracker:
-    """Rank 0's sinks besides metrics.jsonl: W&B and the console. MetricsLog calls it."""
-
-    def __init__(self, wandb_run: WandbRun, progress: Progress | None):
-        self.wandb = wandb_run
-        self.progress = progress
-
-    def log(self, record: Mapping[str, Any], line: str) -> None:
-        self.wandb.log(record)
-        if self.progress is not None:
-            self.progress.write(record, line)
-        else:
-            print(line, flush=True)
-
-    def advance(self, step: int) -> None:
-        if self.progress is not None:
-            self.progress.advance(step)
-
-    def finish(self, summary: Mapping[str, Any] | None = None, preempted: bool = False) -> None:
-        if self.progress is not None:
-            self.progress.close()
-        if summary:
-            flat = {k: v for k, v in summary.items() if not isinstance(v, dict)}
-            flat.update({f"final_{k}": v for k, v in (summary.get("final_eval") or {}).items() if k != "step"})
-            self.wandb.summary(flat)
-        self.wandb.finish(preempted=preempted)
-
-
-def start_tracking(cfg: Any, output_dir: Path, stage: str, run_config: Mapping[str, Any], resumed: bool,
-                   total_steps: int, initial_step: int) -> Tracker:
-    """For a training stage on rank 0: W&B (per cfg.wandb_*) with the resolved config, and progress."""
-    mode = resolve_wandb_mode(getattr(cfg, "wandb_mode", "auto"))
-    run = start_wandb(mode, project=getattr(cfg, "wandb_project", ""), group=wandb_group(getattr(cfg, "wandb_group", "")),
-                      name=getattr(cfg, "wandb_name", "") or f"{stage}-{output_dir.resolve().name}",
-                      job_type=stage, config=run_config, output_dir=output_dir, resume=resumed)
-    if mode != "disabled" and run.id:
-        where = os.environ.get("WANDB_DIR") or str(output_dir)
-        print(f"[{stage}] W&B {mode} run {run.id}" + (f" (group {wandb_group(getattr(cfg, 'wandb_group', ''))})"
-              if wandb_group(getattr(cfg, "wandb_group", "")) else "")
-              + (f"; sync later: wandb sync {where}/wandb/offline-run-*-{run.id}" if mode == "offline" else ""),
-              flush=True)
-    return Tracker(run, Progress(total_steps, initial_step, getattr(cfg, "progress", "auto")))
-
-
 def fresh_start(output_dir: Path) -> None:
     """A run started from scratch gets a new W&B run (rank 0, before start_tracking)."""
-    (output_dir / RUN_ID_FILE).unlink(missing_ok=True)
+    StageLayout(output_dir).wandb_run_id.unlink(missing_ok=True)
 
 
 def log_evaluation(cfg: Any, output_dir: Path, results: Mapping[str, Any]) -> None:
@@ -293,14 +180,14 @@ def log_evaluation(cfg: Any, output_dir: Path, results: Mapping[str, Any]) -> No
     mode = resolve_wandb_mode(getattr(cfg, "wandb_mode", "auto"))
     if mode == "disabled":
         return
-    from dataclasses import asdict
-
     settings = {k: v for k, v in results.items() if k not in ("confusion_matrix", "per_class")}
     run = start_wandb(mode, project=cfg.wandb_project, group=wandb_group(cfg.wandb_group),
-                      name=cfg.wandb_name or f"evaluate-{Path(cfg.output_dir).resolve().name}", job_type="evaluate",
+                      name=(cfg.wandb_name or f"evaluate-{Path(cfg.output_dir).resolve().name}")
+                      + (f"-{results['set']}" if cfg.eval_sets else ""), job_type="evaluate",
                       config={"config": asdict(cfg), "results": settings}, output_dir=output_dir, resume=False,
                       keep_id=False)
-    metrics = {"accuracy": results["accuracy"], "f1_macro": results["f1_macro"], "n_examples": results["n_examples"]}
+    metrics = {k: results[k] for k in ("accuracy", "f1_macro", "n_examples", "accuracy_ci", "f1_macro_ci")
+               if k in results}
     for name, scores in results.get("per_class", {}).items():
         metrics.update({f"{name}_{k}": v for k, v in scores.items()})
     run.summary({f"test_{k}": v for k, v in metrics.items()})
@@ -308,15 +195,3 @@ def log_evaluation(cfg: Any, output_dir: Path, results: Mapping[str, Any]) -> No
     run.log_table("test_confusion_matrix", ["true \\ predicted", *names],
                   [[names[i], *row] for i, row in enumerate(results.get("confusion_matrix", []))])
     run.finish()
-
-
-def grad_norm_of(engine: Any) -> float | None:
-    """The global gradient norm of the engine's last optimizer step (before clipping), if known."""
-    try:
-        g = engine.get_global_grad_norm()
-    except Exception:  # noqa: BLE001 - older engines / optimizers without it
-        return None
-    if g is None:
-        return None
-    g = float(g.item() if hasattr(g, "item") else g)
-    return g if math.isfinite(g) and g >= 0 else None  # fp16 overflow steps report inf / -1

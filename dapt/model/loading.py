@@ -79,38 +79,8 @@ def load_classifier(name: str, attn_implementation: str = "sdpa") -> Any:
                  label2id={v: k for k, v in ID2LABEL.items()}, attn_implementation=attn_implementation)
 
 
-def cls_only_last_layer(model: Any) -> Any:
-    """Run a BERT classifier's last encoder layer for the [CLS] position only.
+def load_config(name: str) -> Any:
+    """The model's configuration (a cheap first check that the model can be loaded at all)."""
+    from transformers import AutoConfig
 
-    The pooler reads only [CLS], so the last layer's outputs at the other positions are computed and
-    thrown away: its query, attention, output projection and feed-forward need one position, only its
-    keys and values need all (about 5/6 of the layer saved; 1/L of the encoder). Logits and gradients
-    are the dense model's up to float rounding; the state dict is unchanged, so exported models are
-    plain Hugging Face models. Models of another layout are returned as they are.
-    """
-    layers = getattr(getattr(getattr(model, "bert", None), "encoder", None), "layer", None)
-    last = layers[-1] if layers is not None and len(layers) else None
-    sa = getattr(getattr(last, "attention", None), "self", None)
-    if not (hasattr(model, "classifier") and all(hasattr(sa, k) for k in ("query", "key", "value", "dropout"))):
-        return model
-
-    import torch.nn.functional as F
-
-    def forward(hidden_states: Any, attention_mask: Any = None, *args: Any, **kwargs: Any) -> Any:
-        cls = hidden_states[:, :1]
-        batch, length, _ = hidden_states.shape
-
-        def heads(x: Any, n: int) -> Any:  # [batch, n, hidden] -> [batch, heads, n, head size]
-            return x.view(batch, n, -1, sa.attention_head_size).transpose(1, 2)
-
-        # BERT passes a 4-D mask ([batch, 1, queries, keys], boolean or additive) or None (no padding).
-        if attention_mask is not None and attention_mask.dim() == 4:
-            attention_mask = attention_mask[:, :, :1, :]
-        context = F.scaled_dot_product_attention(
-            heads(sa.query(cls), 1), heads(sa.key(hidden_states), length), heads(sa.value(hidden_states), length),
-            attn_mask=attention_mask, dropout_p=sa.dropout.p if sa.training else 0.0, scale=sa.scaling)
-        attended = last.attention.output(context.transpose(1, 2).reshape(batch, 1, -1), cls)
-        return last.output(last.intermediate(attended), attended)  # [batch, 1, hidden]: the pooler takes [:, 0]
-
-    last.forward = forward
-    return model
+    return _load("model config", name, AutoConfig.from_pretrained)

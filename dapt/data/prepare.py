@@ -18,17 +18,22 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from dapt.config import STAGE_CONFIGS, _OneLineParser, dump_json, parse_config, to_dict
-from dapt.data import clean_text, split_validation, tokenize_for_mlm
+from dapt.config import to_dict
+from dapt.data.classify import classification_splits, eval_split
+from dapt.data.mlm import mlm_splits, tokenize_for_mlm
+from dapt.data.prepared import FORMAT, FORMAT_VERSION, MANIFEST, content_fingerprint, hash_file, stage_settings
+from dapt.data.sources import SourceReport, aclimdb_root, load_source, split_validation
+from dapt.data.text import clean_text
 from dapt.distributed import DistInfo
-from dapt.errors import DaptError, cli_entry
-from dapt.manifest import FORMAT, FORMAT_VERSION, MANIFEST, content_fingerprint, hash_file, stage_settings
-from dapt.sources import SourceReport, aclimdb_root, load_source
+from dapt.errors import DaptError
+from dapt.io import dump_json
+from dapt.model.loading import load_tokenizer, resolve_model
+from dapt.model.settings import resolve_eval_settings
 from dapt.version import __version__
 
 STAGES = ("mlm", "finetune", "evaluate")
@@ -43,19 +48,6 @@ class PrepareOptions:
     # hub dataset's, or the aclImdb tree's, `test_split`; other local data needs --test_files.
     test_files: list[str]
     test_split: str
-
-
-def parse_args(argv: Sequence[str] | None) -> tuple[PrepareOptions, Any]:
-    parser = _OneLineParser(prog="prepare", add_help=False, allow_abbrev=False)
-    parser.add_argument("--stage", required=True, choices=STAGES)
-    parser.add_argument("--test_files", nargs="+", default=[])
-    parser.add_argument("--test_split", default="test")
-    known, rest = parser.parse_known_args(argv)
-    opts = PrepareOptions(known.stage, known.test_files, known.test_split)
-    cfg = parse_config(STAGE_CONFIGS[opts.stage], opts.stage, rest)
-    if cfg.prepared_dir:
-        raise DaptError("--prepared_dir is what a stage reads; prepare writes to --output_dir")
-    return opts, cfg
 
 
 def guard_target(out: Path, overwrite: bool) -> None:
@@ -116,17 +108,13 @@ def format_summary(splits: dict[str, dict[str, Any]]) -> str:
 
 def build_splits(stage: str, cfg: Any, tokenizer: Any) -> tuple[dict[str, Any], dict[str, Any], SourceReport, Any]:
     """The stage's own data (its build function, in one process), plus per-split summaries."""
-    from dapt import evaluation, finetune, mlm
-
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo")
     if stage == "mlm":
-        task = mlm.build_task(cfg, info, tokenizer)
-        splits = {"train": task.train_blocks, "validation": task.val_blocks}
+        splits = dict(zip(("train", "validation"), mlm_splits(cfg, info, tokenizer)))
     elif stage == "finetune":
-        task = finetune.build_task(cfg, info, tokenizer)
-        splits = {"train": task.train_data, "validation": task.val_data}
+        splits = dict(zip(("train", "validation"), classification_splits(cfg, info, tokenizer)))
     else:
-        splits = {"test": evaluation.build_eval_data(cfg, info, tokenizer)}
+        splits = {"test": eval_split(cfg, info, tokenizer)}
     splits = {name: ds for name, ds in splits.items() if ds is not None}
     # The stage read the source through this cache: the table and its report come back without a re-read.
     seed = 0 if stage == "evaluate" else cfg.seed
@@ -198,9 +186,6 @@ def write_atomically(out: Path, splits: dict[str, Any], manifest: dict[str, Any]
 
 def prepare(opts: PrepareOptions, cfg: Any) -> dict[str, Any]:
     """Prepare one stage's data into cfg.output_dir; returns the manifest."""
-    from dapt.evaluation import resolve_eval_settings
-    from dapt.models import load_tokenizer, resolve_model
-
     out = Path(cfg.output_dir)
     guard_target(out, cfg.overwrite_output_dir)  # before any work: a refusal costs nothing
     model_dir = resolve_model(cfg.model_name_or_path)
@@ -242,9 +227,3 @@ def prepare(opts: PrepareOptions, cfg: Any) -> dict[str, Any]:
     print(f"prepared {opts.stage} data in {out} ({', '.join(f'{k}: {len(v)}' for k, v in splits.items())}; "
           f"fingerprint {manifest['fingerprint'][:12]}; {seconds:.1f}s)", flush=True)
     return manifest
-
-
-@cli_entry
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    opts, cfg = parse_args(argv)
-    return prepare(opts, cfg)

@@ -11,13 +11,13 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
-from dapt.config import ExportConfig, parse_config
-from dapt.errors import DaptError, cli_entry
-from dapt.models import quiet_transformers
+from dapt.errors import DaptError
+from dapt.model.card import collect, write_card
+from dapt.model.loading import quiet_transformers
 
 META_DIR = "hf_meta"  # config + tokenizer + dapt.json saved inside every checkpoint tag
 ARCHES = ("mlm", "classifier")
@@ -145,8 +145,6 @@ def export_checkpoint(checkpoint: str, out_dir: Path, overwrite: bool) -> tuple[
     model, tokenizer, meta = load_exportable(tag_dir)
     out = write_model_folder(model, tokenizer, out_dir, overwrite)
     try:  # the model card (README.md): recipe, data, engine, held-out metrics, from the run's own files
-        from dapt.model_card import collect, write_card
-
         write_card(out, collect(tag_dir, meta, model))
     except Exception as exc:  # noqa: BLE001 - a card problem must not lose a finished export
         print(f"warning: model card not written ({type(exc).__name__}: {exc})", flush=True)
@@ -156,11 +154,3 @@ def export_checkpoint(checkpoint: str, out_dir: Path, overwrite: bool) -> tuple[
 @torch.no_grad()
 def logits_of(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return model(**batch).logits.float().cpu()
-
-
-@cli_entry
-def main(argv: Sequence[str] | None = None) -> Path:
-    cfg = parse_config(ExportConfig, "export", argv)
-    out, _ = export_checkpoint(cfg.checkpoint, Path(cfg.output_dir), cfg.overwrite_output_dir)
-    print(f"exported {locate_checkpoint(cfg.checkpoint)} -> {out}", flush=True)
-    return out

@@ -9,6 +9,12 @@ from typing import Any, Mapping
 
 import torch
 
+from dapt.eval.stats import bootstrap_macro_f1_interval, wilson_interval
+
+CONFIDENCE = 0.95
+BOOTSTRAP_DRAWS = 2000
+BOOTSTRAP_SEED = 0
+
 
 def confusion_counts(labels: torch.Tensor, preds: torch.Tensor, num_labels: int) -> torch.Tensor:
     """counts[true, predicted] as int64."""
@@ -40,6 +46,26 @@ def metrics_from_confusion(counts: torch.Tensor, id2label: Mapping[int, str]) ->
     }
 
 
+def add_intervals(results: dict[str, Any]) -> dict[str, Any]:
+    """95% intervals from the exact counts: Wilson for accuracy; for macro-F1 a seeded bootstrap that
+    resamples the confusion matrix as a multinomial over its cells (2,000 draws)."""
+    n = results["n_examples"]
+    correct = sum(results["confusion_matrix"][k][k] for k in range(len(results["confusion_matrix"])))
+    results["accuracy_ci"] = list(wilson_interval(correct, n, CONFIDENCE))
+    results["f1_macro_ci"] = list(bootstrap_macro_f1_interval(results["confusion_matrix"], BOOTSTRAP_DRAWS,
+                                                              BOOTSTRAP_SEED, CONFIDENCE))
+    results["ci"] = {"level": CONFIDENCE, "accuracy": "Wilson score interval",
+                     "f1_macro": f"bootstrap percentile, confusion matrix resampled as a multinomial, "
+                                 f"{BOOTSTRAP_DRAWS} draws, seed {BOOTSTRAP_SEED}"}
+    return results
+
+
+def ci_text(results: Mapping[str, Any], key: str, digits: int = 4) -> str:
+    """`0.9123 [0.9010, 0.9228]` (the value, then its 95% interval when known)."""
+    value, ci = results[key], results.get(f"{key}_ci")
+    return f"{value:.{digits}f}" + (f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]" if ci else "")
+
+
 def format_table(results: Mapping[str, Any]) -> str:
     """A plain-text report: per-class rows, then accuracy and macro-F1, then the matrix."""
     names = list(results["per_class"])
@@ -50,6 +76,9 @@ def format_table(results: Mapping[str, Any]) -> str:
         lines.append(f"{name:<{width}} {r['precision']:>9.4f} {r['recall']:>9.4f} {r['f1']:>9.4f} {r['support']:>9d}")
     lines.append(f"{'accuracy':<{width}} {results['accuracy']:>9.4f} {'':>9} {'':>9} {results['n_examples']:>9d}")
     lines.append(f"{'macro f1':<{width}} {'':>9} {'':>9} {results['f1_macro']:>9.4f}")
+    if "accuracy_ci" in results:
+        lines.append(f"95% intervals: accuracy {ci_text(results, 'accuracy')} (Wilson), "
+                     f"macro-F1 {ci_text(results, 'f1_macro')} (bootstrap)")
     lines.append("confusion matrix (rows: true, columns: predicted; order " + ", ".join(names) + ")")
     lines.extend("  " + " ".join(f"{v:>8d}" for v in row) for row in results["confusion_matrix"])
     return "\n".join(lines)

@@ -2,23 +2,27 @@
 
 Export writes `dapt_training.json` (what the card is made from: the recipe, data, engine settings and
 held-out metrics, all read from the run's own files) and renders README.md from it. The evaluation
-job copies its `eval_results.json` into the folder and renders the card again, so every number in the
+job adds each test set's results to the folder (`results/<set>.json`) and renders the card again, so every number in the
 card comes from a file the run wrote, never from a hand-typed value.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import fcntl
 import json
-import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import yaml
 
+from dapt.io import atomic_write_text, dump_json, read_jsonl
+from dapt.model.loading import PACKAGED_MODELS
 from dapt.version import __version__
 
 CARD_DATA = "dapt_training.json"
-EVAL_FILE = "eval_results.json"
+RESULTS_DIR = "results"  # one file per evaluated test set: results/<set>.json
+LOCK_FILE = ".card.lock"
 HUB_DATASET_TYPES = {"stanfordnlp/imdb": "imdb", "imdb": "imdb"}
 
 
@@ -27,12 +31,6 @@ def _read_json(path: Path) -> dict[str, Any]:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _data_description(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -48,12 +46,17 @@ def _data_description(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _last_validation(run_dir: Path, step: int) -> dict[str, Any]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return {}
-    evals = [r for r in (json.loads(ln) for ln in path.read_text().splitlines() if ln.strip())
+    evals = [r for r in read_jsonl(run_dir / "metrics.jsonl")
              if any(k.startswith("eval_") for k in r) and r.get("step", 0) <= step]
     return evals[-1] if evals else {}
+
+
+def _selection(tag_dir: Path) -> dict[str, Any] | None:
+    latest = tag_dir.parent / "latest"
+    if not latest.is_file():
+        return None
+    selection = _read_json(tag_dir.parent / latest.read_text().strip() / "dapt_state.json").get("selection")
+    return selection if selection and selection.get("metric", "none") != "none" else None
 
 
 def collect(tag_dir: Path, meta: Mapping[str, Any], model: Any) -> dict[str, Any]:
@@ -61,7 +64,8 @@ def collect(tag_dir: Path, meta: Mapping[str, Any], model: Any) -> dict[str, Any
     run_dir = tag_dir.parent.parent
     run = _read_json(run_dir / "run_config.json")
     cfg = run.get("config", {})
-    position = _read_json(tag_dir / "dapt_state.json").get("position", {})
+    state = _read_json(tag_dir / "dapt_state.json")
+    position = state.get("position", {})
     ds = run.get("deepspeed", {})
     base = cfg.get("model_name_or_path") or run.get("model")
     lineage = None
@@ -97,42 +101,92 @@ def collect(tag_dir: Path, meta: Mapping[str, Any], model: Any) -> dict[str, Any
                   "parameters": int(sum(p.numel() for p in model.parameters())),
                   "labels": {str(k): v for k, v in (getattr(mc, "id2label", None) or {}).items()}},
         "validation": _last_validation(run_dir, position.get("step", 10**12)) if run else {},
+        # --select_best: which step was exported and why (dapt/train/selection.py), as the run's newest
+        # checkpoint knows it (all evaluations so far)
+        "selection": _selection(tag_dir) or state.get("selection"),
     }
 
 
 def write_card(model_dir: Path, data: Mapping[str, Any]) -> Path:
-    """Store the card data beside the weights and render README.md (with any eval_results.json there)."""
+    """Store the card data beside the weights and render README.md (with any measured results there)."""
     model_dir = Path(model_dir)
-    (model_dir / CARD_DATA).write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    dump_json(data, model_dir / CARD_DATA)
     return render_to(model_dir)
 
 
 def render_to(model_dir: Path) -> Path:
     data = _read_json(model_dir / CARD_DATA)
-    results = _read_json(model_dir / EVAL_FILE) or None
     path = model_dir / "README.md"
     resolved = model_dir.resolve()
     # a stage's export is `<run>/<stage>/model`: name it after the run and stage, not "model"
     name = f"{resolved.parent.parent.name}-{resolved.parent.name}" if resolved.name == "model" else resolved.name
-    _atomic_write(path, render(data, results, name))
+    atomic_write_text(path, render(data, measured_results(model_dir), name))
     return path
 
 
-def update_with_eval(model_dir: str | Path, results: Mapping[str, Any]) -> Path | None:
-    """The evaluation job: copy the measured results into a dapt model folder and re-render its card.
-    Folders that dapt did not export (no dapt_training.json) are left alone."""
+def measured_results(model_dir: str | Path) -> list[dict[str, Any]]:
+    """Every test set this model was evaluated on (`results/<set>.json`), sorted by set name."""
+    folder = Path(model_dir) / RESULTS_DIR
+    found = [_read_json(p) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
+    return sorted((r for r in found if r.get("set")), key=lambda r: r["set"])
+
+
+@contextlib.contextmanager
+def _card_lock(model_dir: Path) -> Iterator[None]:
+    """One writer at a time: two evaluation jobs of one model (a Slurm array, say) each add their set and
+    render the card; under the lock the later render sees both sets."""
+    with open(model_dir / LOCK_FILE, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def record_results(model_dir: str | Path, results: Mapping[str, Any]) -> Path | None:
+    """The evaluation job: store one set's measured results in a dapt model folder (`results/<set>.json`,
+    replacing only that set's entry) and re-render its card. Folders that dapt did not export (no
+    dapt_training.json) are left alone."""
     model_dir = Path(model_dir)
     if not (model_dir / CARD_DATA).is_file():
         return None
     try:
-        _atomic_write(model_dir / EVAL_FILE, json.dumps(dict(results), indent=2, sort_keys=True, default=str) + "\n")
-        return render_to(model_dir)
-    except OSError as exc:  # e.g. a read-only shared model folder: the results file is what matters
+        with _card_lock(model_dir):
+            (model_dir / RESULTS_DIR).mkdir(exist_ok=True)
+            dump_json(dict(results), model_dir / RESULTS_DIR / f"{results['set']}.json")
+            return render_to(model_dir)
+    except OSError as exc:  # e.g. a read-only shared model folder: the eval dir's results file is what matters
         print(f"warning: model card of {model_dir} not updated ({exc})", flush=True)
         return None
 
 
 # --- rendering ------------------------------------------------------------------------------------
+
+def _ci(r: Mapping[str, Any], key: str) -> str:
+    ci = r.get(f"{key}_ci")
+    return f"{r[key]:.4f}" + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "")
+
+
+def _results_section(results: list[dict[str, Any]]) -> list[str]:
+    """Per test set: accuracy and macro-F1 with 95% intervals, then each set's details."""
+    out = ["Test sets (each example evaluated exactly once; 95% intervals: Wilson for accuracy, a bootstrap of the "
+           f"confusion matrix for macro-F1; numbers from `{RESULTS_DIR}/<set>.json` in this folder):", "",
+           "| set | examples | accuracy [95% CI] | macro-F1 [95% CI] |", "|---|---:|---|---|"]
+    out += [f"| {r['set']} | {r['n_examples']} | {_ci(r, 'accuracy')} | {_ci(r, 'f1_macro')} |" for r in results]
+    for r in results:
+        names = list(r.get("per_class", {}))
+        out += ["", f"### {r['set']}", "",
+                f"Data: {_eval_data_name(r)}; {r.get('world_size')} rank(s), {r.get('precision')}, max length "
+                f"{r.get('max_seq_length')}, truncation {r.get('truncation')}.", "",
+                "| class | precision | recall | F1 | support |", "|---|---|---|---|---:|"]
+        out += [f"| {k} | {v['precision']:.4f} | {v['recall']:.4f} | {v['f1']:.4f} | {v['support']} |"
+                for k, v in r.get("per_class", {}).items()]
+        out += ["", "Confusion matrix (rows: true, columns: predicted):", "",
+                "| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        out += [f"| {names[i]} | " + " | ".join(str(v) for v in row) + " |"
+                for i, row in enumerate(r.get("confusion_matrix", []))]
+    return out
+
 
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
@@ -160,7 +214,20 @@ def _eval_data_name(results: Mapping[str, Any]) -> str:
     return str(data)
 
 
-def _front_matter(data: Mapping[str, Any], results: Mapping[str, Any] | None, name: str) -> str:
+def _index_entry(r: Mapping[str, Any]) -> dict[str, Any]:
+    """One model-index result: keyed by the data set's name and split."""
+    ds_name = str(r.get("data", ""))
+    hub = ds_name.split(":")[0] if ":" in ds_name and not isinstance(r.get("data"), list) else ""
+    return {"task": {"type": "text-classification", "name": "Sentiment classification"},
+            "dataset": {"name": r.get("set") or _eval_data_name(r), "type": HUB_DATASET_TYPES.get(hub, hub or "local"),
+                        **({"split": r["split"]} if r.get("split") else {})},
+            "metrics": [{"type": "accuracy", "value": r["accuracy"],
+                         **({"args": {"ci95": r["accuracy_ci"]}} if r.get("accuracy_ci") else {})},
+                        {"type": "f1", "name": "macro F1", "value": r["f1_macro"],
+                         "args": {"average": "macro", **({"ci95": r["f1_macro_ci"]} if r.get("f1_macro_ci") else {})}}]}
+
+
+def _front_matter(data: Mapping[str, Any], results: list[dict[str, Any]], name: str) -> str:
     classifier = data.get("arch") == "classifier"
     meta: dict[str, Any] = {"language": ["en"], "library_name": "transformers",
                             "pipeline_tag": "text-classification" if classifier else "fill-mask",
@@ -170,25 +237,16 @@ def _front_matter(data: Mapping[str, Any], results: Mapping[str, Any] | None, na
     if d.get("kind") == "hub" and d.get("name"):
         meta["datasets"] = [d["name"]]
     base = str(data.get("base_model") or "")
-    from dapt.models import PACKAGED_MODELS
 
     if (base and base not in PACKAGED_MODELS and not base.startswith((".", "/", "~")) and base.count("/") <= 1
             and not Path(base).exists()):  # a hub id
         meta["base_model"] = base
     if results and classifier:
-        ds_name = str(results.get("data", ""))
-        hub = ds_name.split(":")[0] if ":" in ds_name else ""
-        meta["model-index"] = [{"name": name, "results": [{
-            "task": {"type": "text-classification", "name": "Sentiment classification"},
-            "dataset": {"name": _eval_data_name(results), "type": HUB_DATASET_TYPES.get(hub, hub or "local"),
-                        **({"split": ds_name.split(":")[1]} if hub else {})},
-            "metrics": [{"type": "accuracy", "value": results["accuracy"]},
-                        {"type": "f1", "name": "macro F1", "value": results["f1_macro"], "args": {"average": "macro"}}],
-        }]}]
+        meta["model-index"] = [{"name": name, "results": [_index_entry(r) for r in results]}]
     return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n"
 
 
-def render(data: Mapping[str, Any], results: Mapping[str, Any] | None, name: str) -> str:
+def render(data: Mapping[str, Any], results: list[dict[str, Any]], name: str) -> str:
     classifier = data.get("arch") == "classifier"
     s, rec, eng, m = data.get("settings", {}), data.get("recipe", {}), data.get("engine", {}), data.get("model", {})
     max_len = s.get("max_seq_length") or rec.get("max_seq_length")
@@ -237,32 +295,25 @@ def render(data: Mapping[str, Any], results: Mapping[str, Any] | None, name: str
     out += [f"| {k} | {v} |" for k, v in rows]
     out += ["", "## Evaluation", ""]
     val = data.get("validation") or {}
+    sel = data.get("selection") or {}
+    if sel.get("best_step") is not None:
+        out += [f"Exported checkpoint: the best of {sel.get('evaluations')} evaluations by held-out "
+                f"{sel['metric']} ({sel['best_value']:.6g} at step {sel['best_step']}; `--select_best "
+                f"{sel['metric']}`" + (f", early stopping after {sel['patience']} evaluations without improvement"
+                                       if sel.get("patience") else "") + ").", ""]
     if val:
         shown = {k[5:]: v for k, v in val.items() if k.startswith("eval_") and k != "eval_seconds"}
         out.append(f"Held-out validation split at step {val.get('step')} (from the run's `metrics.jsonl`): "
                    + ", ".join(f"{k} {_fmt(v)}" for k, v in shown.items()) + ".")
         out.append("")
     if classifier and results:
-        out += [f"Test set: {_eval_data_name(results)} ({results['n_examples']} examples, evaluated exactly once each "
-                f"on {results.get('world_size')} rank(s), {results.get('precision')}, max length "
-                f"{results.get('max_seq_length')}, truncation {results.get('truncation')}). "
-                f"Numbers from `{EVAL_FILE}` in this folder.", "",
-                "| metric | value |", "|---|---|",
-                f"| accuracy | {results['accuracy']:.4f} |", f"| macro F1 | {results['f1_macro']:.4f} |"]
-        for label, sc in results.get("per_class", {}).items():
-            out.append(f"| {label}: precision / recall / F1 (support) | {sc['precision']:.4f} / {sc['recall']:.4f} / "
-                       f"{sc['f1']:.4f} ({sc['support']}) |")
-        names = list(results.get("per_class", {}))
-        out += ["", "Confusion matrix (rows: true, columns: predicted):", "",
-                "| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-        out += [f"| {names[i]} | " + " | ".join(str(v) for v in row) + " |"
-                for i, row in enumerate(results.get("confusion_matrix", []))]
+        out += _results_section(results)
     elif classifier:
         out.append("Not evaluated on a test set yet: `launch/evaluate.py --model_name_or_path <this folder>` measures "
                    "it and fills in this section.")
     out += ["", "## How to use", "", "```python", "from transformers import pipeline", ""]
     if classifier:
-        out += [f'clf = pipeline("text-classification", model="path/to/this/folder")',
+        out += ['clf = pipeline("text-classification", model="path/to/this/folder")',
                 'clf("A wonderful film with a superb cast.", truncation=True)', "```", "",
                 f"or `dapt predict --model path/to/this/folder \"some review\"`, which truncates long reviews exactly as in "
                 f"training ({s.get('truncation')}, {max_len} tokens); the stock pipeline keeps only the first "

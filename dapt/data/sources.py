@@ -25,7 +25,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from dapt.config import ID2LABEL, DataConfig
+from dapt.data.text import clean_text
 from dapt.errors import DaptError, first_line
+from dapt.io import atomic_write_text
 from dapt.version import __version__
 
 TABLE_FORMATS = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "json"}
@@ -36,7 +38,7 @@ LABEL_NAMES = {"negative": 0, "neg": 0, "positive": 1, "pos": 1}
 ACLIMDB_SPLITS = {"train": "train", "test": "test", "unsupervised": "unsup", "unsup": "unsup"}
 _ACLIMDB_MEMBER = re.compile(r"(?:^|/)(train|test)/(pos|neg|unsup)/([^/]+)\.txt$")
 NEWLINE = b"\n"
-_TABLE_VERSION = 1  # bump when the cached table's layout or the validation rules change
+_TABLE_VERSION = 2  # bump when the cached table's layout or the validation rules change
 
 
 @dataclass
@@ -328,11 +330,28 @@ class _Rows:
         return self.parts[k].where(i - self.starts[k])
 
 
-def validate_parts(parts: list[Part], cfg: DataConfig, label_col: str | None, report: SourceReport
-                   ) -> tuple[list[str], list[int] | None]:
-    """Texts (and label ids) of all parts after every check; empty texts dropped if allowed."""
-    from dapt.data import clean_text
+@dataclass
+class Table:
+    """The validated rows: texts, label ids, each row's index in the input, and the input's ids if any."""
 
+    texts: list[str]
+    labels: list[int] | None
+    rows: list[int]  # position in the input (all parts in order), before empty texts were dropped
+    ids: list[Any] | None  # the `id_column` values, when the input has that column
+
+
+def _ids(parts: list[Part], cfg: DataConfig) -> list[Any] | None:
+    """The input's example ids (kept for per-example predictions); None when no part has the column."""
+    if not cfg.id_column or not any(cfg.id_column in p.columns for p in parts):
+        return None
+    ids = [x for p in parts for x in p.columns.get(cfg.id_column, [None] * len(p.columns[cfg.text_column]))]
+    if not all(isinstance(x, int) or x is None for x in ids):
+        ids = [None if x is None else str(x) for x in ids]  # one type per column: mixed ids become text
+    return ids
+
+
+def validate_parts(parts: list[Part], cfg: DataConfig, label_col: str | None, report: SourceReport) -> Table:
+    """All parts' rows after every check; empty texts dropped if allowed."""
     text_col = cfg.text_column
     for p in parts:
         for col in [text_col] + ([label_col] if label_col else []):
@@ -375,15 +394,18 @@ def validate_parts(parts: list[Part], cfg: DataConfig, label_col: str | None, re
             raise DaptError(f"{report.source}: {len(wrong)} label(s) outside {{0, 1}} in column '{label_col}' "
                             f"(first at {rows.where(wrong[0])}: {raw[wrong[0]]!r}; names accepted: {accepted})")
 
+    rows, ids = list(range(len(texts))), _ids(parts, cfg)
     if empty:
         drop = set(empty)
-        texts = [t for i, t in enumerate(texts) if i not in drop]
-        labels = [y for i, y in enumerate(labels) if i not in drop] if labels is not None else None
+        keep = [i for i in range(len(texts)) if i not in drop]
+        texts, rows = [texts[i] for i in keep], keep
+        labels = [labels[i] for i in keep] if labels is not None else None
+        ids = [ids[i] for i in keep] if ids is not None else None
         report.dropped_empty = len(empty)
         if not texts:
             raise DaptError(f"{report.source}: every text is empty")
     report.rows = len(texts)
-    return texts, labels
+    return Table(texts, labels, rows, ids)
 
 
 # --- the cached table ----------------------------------------------------------------------------
@@ -395,7 +417,7 @@ def _describe(paths: Sequence[str]) -> str:
 def source_key(cfg: DataConfig, label_col: str | None) -> tuple[str, list[tuple[str, Path]]]:
     """A key for the inputs (paths, sizes, modification times) and the settings that shape the table."""
     settings = {k: v for k, v in asdict(cfg).items()
-                if k in ("text_column", "dataset_split", "label_map", "empty_texts", "encoding_errors")}
+                if k in ("text_column", "dataset_split", "label_map", "empty_texts", "encoding_errors", "id_column")}
     key: dict[str, Any] = {"version": [__version__, _TABLE_VERSION], "label_column": label_col, **settings}
     inputs: list[tuple[str, Path]] = []
     if cfg.data_files:
@@ -411,14 +433,14 @@ def source_key(cfg: DataConfig, label_col: str | None) -> tuple[str, list[tuple[
 
 
 def read_source(cfg: DataConfig, label_col: str | None, inputs: list[tuple[str, Path]]
-                ) -> tuple[list[str], list[int] | None, SourceReport]:
+                ) -> tuple[Table, SourceReport]:
     """Read and validate every input (the hub split when there are no local inputs)."""
-    needed = [cfg.text_column] + ([label_col] if label_col else [])
+    needed = [cfg.text_column] + ([label_col] if label_col else []) + ([cfg.id_column] if cfg.id_column else [])
     if not inputs:
         part, fingerprint = read_hub(cfg, needed)
         report = SourceReport(part.origin, inputs=[{"dataset": cfg.dataset_name, "split": cfg.dataset_split,
                                                     "datasets_fingerprint": fingerprint}])
-        return (*validate_parts([part], cfg, label_col, report), report)
+        return validate_parts([part], cfg, label_col, report), report
     report = SourceReport(_describe([str(p) for _, p in inputs]))
     decoder = _Decoder(cfg.encoding_errors, report)
     parts = []
@@ -433,7 +455,7 @@ def read_source(cfg: DataConfig, label_col: str | None, inputs: list[tuple[str, 
             parts.append(read_delimited(path, "\t" if kind == "tsv" else ",", needed, decoder))
         else:
             parts.append(read_json(path, needed, decoder))
-    return (*validate_parts(parts, cfg, label_col, report), report)
+    return validate_parts(parts, cfg, label_col, report), report
 
 
 def _cache_dir() -> Path:
@@ -442,13 +464,15 @@ def _cache_dir() -> Path:
     return Path(datasets.config.HF_DATASETS_CACHE) / "dapt_tables"
 
 
-def _write_table(texts: list[str], labels: list[int] | None, path: Path) -> None:
+def _write_table(table: Table, path: Path) -> None:
     import pyarrow as pa
     from datasets.arrow_writer import ArrowWriter
 
-    columns: dict[str, Any] = {"text": pa.array(texts, pa.string())}
-    if labels is not None:
-        columns["label"] = pa.array(labels, pa.int64())
+    columns: dict[str, Any] = {"text": pa.array(table.texts, pa.string()), "row": pa.array(table.rows, pa.int64())}
+    if table.labels is not None:
+        columns["label"] = pa.array(table.labels, pa.int64())
+    if table.ids is not None:
+        columns["id"] = pa.array(table.ids)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     with ArrowWriter(path=str(tmp)) as writer:
@@ -473,11 +497,9 @@ def load_source(cfg: DataConfig, seed: int, label_col: str | None = None) -> tup
     if path.is_file() and report_path.is_file():
         report = SourceReport(**json.loads(report_path.read_text()))
     else:
-        texts, labels, report = read_source(cfg, label_col, inputs)
-        _write_table(texts, labels, path)
-        tmp = report_path.with_name(f"{report_path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(asdict(report)))
-        tmp.replace(report_path)
+        table, report = read_source(cfg, label_col, inputs)
+        _write_table(table, path)
+        atomic_write_text(report_path, json.dumps(asdict(report)))
     ds = datasets.Dataset.from_file(str(path))
     if cfg.max_samples and cfg.max_samples < len(ds):
         ds = ds.shuffle(seed=seed).select(range(cfg.max_samples))
@@ -489,3 +511,23 @@ def print_notes(report: SourceReport) -> None:
     if os.environ.get("RANK", "0") == "0":
         for note in report.notes():
             print(f"dapt: note: {note}", file=sys.stderr, flush=True)
+
+
+def load_table(cfg: DataConfig, seed: int, label_column: str | None = None) -> Any:
+    """A `datasets.Dataset` with a validated `text` column (and `label` when a label column is named).
+
+    Formats, label names, validation and repairs: above."""
+    ds, report = load_source(cfg, seed, label_column)
+    print_notes(report)
+    return ds
+
+
+def split_validation(ds: Any, fraction: float, seed: int) -> tuple[Any, Any | None]:
+    """Split off a seeded held-out slice (at least one example) for periodic evaluation."""
+    if fraction <= 0:
+        return ds, None
+    n_val = max(1, int(round(len(ds) * fraction)))
+    if n_val >= len(ds):
+        raise DaptError(f"validation_split {fraction} leaves no training data out of {len(ds)} examples")
+    parts = ds.train_test_split(test_size=n_val, seed=seed, shuffle=True)
+    return parts["train"], parts["test"]

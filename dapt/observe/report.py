@@ -1,59 +1,44 @@
 """`dapt report RUN_DIR`: PNG plots and a Markdown summary from a run's own files.
 
-RUN_DIR is a stage's output dir (holding `metrics.jsonl`) or a pipeline's (its `mlm/` and `finetune/`
-stages and `eval_results.json`). For each stage: loss (train and held-out), learning rate, gradient
+RUN_DIR is a stage's output dir (holding `metrics.jsonl`), an evaluation's output dir, or a pipeline's
+(its `mlm/`, `finetune/` and `eval/`, dapt/layout.py), made by launch/pipeline.py or slurm/pipeline.sh. For each stage: loss (train and held-out), learning rate, gradient
 norm, tokens/s, held-out metrics and step time over optimizer steps; for the evaluation: the confusion
 matrix. Written to `RUN_DIR/report/` (`--output_dir` to change): `<stage>_training.png`,
 `confusion_matrix.png` and `report.md`.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from dapt.errors import DaptError, cli_entry
+from dapt.errors import DaptError
+from dapt.eval.metrics import ci_text
+from dapt.io import atomic_write_text, read_json, read_jsonl
+from dapt.layout import EvalLayout, RunLayout, StageLayout
 
 STAGE_NAMES = {"mlm": "mlm", "classifier": "finetune"}
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    records = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            raise DaptError(f"{path} line {n} is not JSON") from None
-    return records
-
-
-def _json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text()) if path.is_file() else {}
-    except ValueError:
-        raise DaptError(f"{path} is not valid JSON") from None
-
-
 def find_stages(run_dir: Path) -> list[tuple[str, Path]]:
-    """(name, dir) of every stage with a metrics.jsonl: RUN_DIR itself and its subfolders."""
+    """(name, dir) of every training stage: RUN_DIR itself, or a pipeline's stages (dapt/layout.py)."""
     found = []
     for d in [run_dir, *sorted(p for p in run_dir.iterdir() if p.is_dir())]:
-        if (d / "metrics.jsonl").is_file():
-            stage = _json(d / "run_config.json").get("stage")
+        layout = StageLayout(d)
+        if layout.is_stage():
+            stage = (read_json(layout.run_config) or {}).get("stage")
             found.append((STAGE_NAMES.get(stage, d.name if d != run_dir else "run"), d))
     order = {"mlm": 0, "finetune": 1}
     return sorted(found, key=lambda s: order.get(s[0], 2))
 
 
-def find_eval(run_dir: Path) -> tuple[dict[str, Any], Path | None]:
-    for p in (run_dir / "eval_results.json", run_dir / "model" / "eval_results.json"):
-        if p.is_file():
-            return _json(p), p
-    return {}, None
+def find_eval(run_dir: Path) -> list[tuple[dict[str, Any], Path]]:
+    """Every evaluation result of a run: a pipeline's `eval/`, an evaluation dir itself, or a model folder."""
+    for folder in (RunLayout(run_dir).eval.root, run_dir, StageLayout(run_dir).model):
+        files = EvalLayout(folder).result_files()
+        if files:
+            return [(read_json(p), p) for p in files]
+    return []
 
 
 def _series(records: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
@@ -110,7 +95,13 @@ def plot_stage(name: str, records: list[dict[str, Any]], out: Path) -> Path:
     return path
 
 
-def plot_confusion(results: dict[str, Any], out: Path) -> Path:
+def _set_name(results_path: Path) -> str:
+    """`eval_results-<name>.json` -> name; the single set's file -> ""."""
+    stem = results_path.stem
+    return stem.split("-", 1)[1] if "-" in stem else ""
+
+
+def plot_confusion(results: dict[str, Any], out: Path, name: str = "") -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -132,7 +123,7 @@ def plot_confusion(results: dict[str, Any], out: Path) -> Path:
                     color="white" if v > peak / 2 else "black")
     ax.set_title(f"confusion matrix: accuracy {results['accuracy']:.4f}, macro-F1 {results['f1_macro']:.4f}\n"
                  f"({results['n_examples']} examples)", fontsize=10)
-    path = out / "confusion_matrix.png"
+    path = out / (f"confusion_matrix-{name}.png" if name else "confusion_matrix.png")
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return path
@@ -145,7 +136,8 @@ def _fmt(v: Any) -> str:
 def stage_summary(name: str, d: Path, records: list[dict[str, Any]]) -> list[str]:
     train = [r for r in records if "loss" in r]
     evals = [r for r in records if any(k.startswith("eval_") for k in r)]
-    summary, run = _json(d / "summary.json"), _json(d / "run_config.json")
+    layout = StageLayout(d)
+    summary, run = read_json(layout.summary, {}), read_json(layout.run_config, {})
     lines = [f"## {name}", ""]
     if run:
         cfg, ds = run.get("config", {}), run.get("deepspeed", {})
@@ -172,14 +164,16 @@ def stage_summary(name: str, d: Path, records: list[dict[str, Any]]) -> list[str
 
 
 def eval_summary(results: dict[str, Any], path: Path) -> list[str]:
-    lines = ["## evaluation", "", f"From `{path}`: {results['n_examples']} examples, max length "
+    name = _set_name(path)
+    lines = [f"## evaluation{': ' + name if name else ''}", "", f"From `{path}`: {results['n_examples']} examples, max length "
              f"{results.get('max_seq_length')}, truncation {results.get('truncation')}, "
              f"{results.get('world_size')} rank(s).", "",
-             "| metric | value |", "|---|---|", f"| accuracy | {results['accuracy']:.4f} |",
-             f"| macro F1 | {results['f1_macro']:.4f} |"]
+             "| metric | value [95% CI] |", "|---|---|", f"| accuracy | {ci_text(results, 'accuracy')} |",
+             f"| macro F1 | {ci_text(results, 'f1_macro')} |"]
     for label, sc in results.get("per_class", {}).items():
         lines.append(f"| {label} precision / recall / F1 | {sc['precision']:.4f} / {sc['recall']:.4f} / {sc['f1']:.4f} |")
-    lines += ["", "![confusion matrix](confusion_matrix.png)", ""]
+    png = f"confusion_matrix-{name}.png" if name else "confusion_matrix.png"
+    lines += ["", f"![confusion matrix]({png})", ""]
     return lines
 
 
@@ -192,33 +186,19 @@ def make_report(run_dir: str | Path, output_dir: str | Path | None = None) -> di
     except ImportError:
         raise DaptError("dapt report needs matplotlib: pip install matplotlib") from None
     stages = find_stages(run)
-    results, results_path = find_eval(run)
-    if not stages and not results:
+    evaluations = find_eval(run)
+    if not stages and not evaluations:
         raise DaptError(f"{run_dir} holds no metrics.jsonl (in it or a subfolder) and no eval_results.json")
     out = Path(output_dir) if output_dir else run / "report"
     out.mkdir(parents=True, exist_ok=True)
     pngs, md = [], [f"# Report: {run.resolve().name}", ""]
     for name, d in stages:
-        records = read_jsonl(d / "metrics.jsonl")
+        records = read_jsonl(StageLayout(d).metrics)
         pngs.append(plot_stage(name, records, out))
         md += stage_summary(name, d, records)
-    if results and results.get("confusion_matrix"):
-        pngs.append(plot_confusion(results, out))
-        md += eval_summary(results, results_path)
-    (out / "report.md").write_text("\n".join(md))
+    for results, results_path in evaluations:
+        if results.get("confusion_matrix"):
+            pngs.append(plot_confusion(results, out, _set_name(results_path)))
+            md += eval_summary(results, results_path)
+    atomic_write_text(out / "report.md", "\n".join(md))
     return {"output_dir": out, "pngs": pngs, "markdown": out / "report.md"}
-
-
-@cli_entry
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    from dapt.config import _OneLineParser
-
-    ap = _OneLineParser(prog="dapt report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("run_dir", help="a stage's or a pipeline's output dir")
-    ap.add_argument("--output_dir", help="default: RUN_DIR/report")
-    args = ap.parse_args(argv)
-    made = make_report(args.run_dir, args.output_dir)
-    for p in made["pngs"]:
-        print(p)
-    print(made["markdown"])
-    return made

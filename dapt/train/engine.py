@@ -1,4 +1,5 @@
-"""The DeepSpeed JSON: engine settings from `ds_configs/`, training values filled in from the recipe.
+"""The DeepSpeed engine: its JSON (engine settings from `ds_configs/`, training values filled in from
+the recipe), parameter groups, precision and seeding.
 
 The JSON owns ZeRO stage, precision, loss scaling, offload and bucket sizes. Batch sizes, optimizer,
 schedule and clipping belong to the training config; a JSON that sets one of them to something else
@@ -7,7 +8,13 @@ is an error (a value equal to ours, or "auto", is accepted). Keys starting with 
 from __future__ import annotations
 
 import json
+import math
+import random
 from typing import Any
+
+import numpy as np
+import torch
+from deepspeed.accelerator import get_accelerator
 
 from dapt.config import TrainConfig, resolve_path, warmup_steps
 from dapt.errors import DaptError
@@ -58,9 +65,8 @@ def load_ds_config(path: str) -> dict[str, Any]:
 
 def _check_sections(raw: dict[str, Any], path: str) -> None:
     """Let DeepSpeed's own schema reject misspelled nested keys now, as one line."""
-    from pydantic import ValidationError
-
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    from pydantic import ValidationError
 
     zero = raw.get("zero_optimization", {})
     try:
@@ -95,8 +101,6 @@ def resolve_precision(ds: dict[str, Any], path: str) -> str:
     "auto" picks bf16 (else fp16) on an accelerator with native support and fp32 on CPU, where
     DeepSpeed emulates half precision slowly.
     """
-    from deepspeed.accelerator import get_accelerator
-
     acc = get_accelerator()
     on_cpu = acc.device_name() == "cpu"
     fp16 = ds.get("fp16", {}).get("enabled", False)
@@ -129,8 +133,6 @@ def build_ds_config(cfg: TrainConfig, ds: dict[str, Any], path: str, world_size:
             f"effective_batch_size {cfg.effective_batch_size} is not divisible by micro_batch_size "
             f"{cfg.micro_batch_size} x world size {world_size}"
         )
-    from deepspeed.accelerator import get_accelerator
-
     on_cpu = get_accelerator().device_name() == "cpu"
     precision = resolve_precision(ds, path)
     filled: dict[str, Any] = {
@@ -181,3 +183,39 @@ def build_ds_config(cfg: TrainConfig, ds: dict[str, Any], path: str, world_size:
     out["bf16"] = {**ds.get("bf16", {}), "enabled": precision == "bf16"}
     out.setdefault("steps_per_print", 10**9)  # dapt logs itself
     return out
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """No weight decay on biases and LayerNorm weights (as BERT and HF Trainer do)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "LayerNorm" in name or name.endswith(".bias") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def precision_of(ds_cfg: dict[str, Any]) -> str:
+    """The precision of a filled-in DeepSpeed config."""
+    return "bf16" if ds_cfg["bf16"]["enabled"] else "fp16" if ds_cfg["fp16"]["enabled"] else "fp32"
+
+
+def set_seed(seed: int) -> None:
+    """Python, numpy, torch and the accelerator's generators."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if get_accelerator().device_name() != "cpu":
+        get_accelerator().manual_seed_all(seed)
+
+
+def grad_norm_of(engine: Any) -> float | None:
+    """The global gradient norm of the engine's last optimizer step (before clipping), if known."""
+    try:
+        g = engine.get_global_grad_norm()
+    except Exception:  # noqa: BLE001 - older engines / optimizers without it
+        return None
+    if g is None:
+        return None
+    g = float(g.item() if hasattr(g, "item") else g)
+    return g if math.isfinite(g) and g >= 0 else None  # fp16 overflow steps report inf / -1

@@ -1,0 +1,1 @@
+"""Exact distributed evaluation: scoring, metrics and their uncertainty."""

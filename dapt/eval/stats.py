@@ -1,0 +1,479 @@
+"""Uncertainty for evaluation numbers: intervals and paired tests, in pure Python and numpy.
+
+One test-set accuracy or one seed's macro-F1 is a point estimate; a claim that domain-adaptive
+pretraining helps needs its error bars. This module gives:
+
+    wilson_interval               accuracy (a binomial proportion) -> Wilson score interval
+    bootstrap_macro_f1_interval   macro-F1 from a confusion matrix -> multinomial bootstrap interval
+    mean_interval                 a metric over seeds -> mean, sample std, Student-t interval
+    paired_difference             two arms over the same seeds -> mean difference, t interval
+    mcnemar_exact                 two classifiers on the same examples -> exact McNemar p-value
+    accuracy_difference_interval  two classifiers on the same examples -> paired accuracy difference
+
+No scipy: the normal and Student-t quantiles are computed here (``normal_quantile``,
+``t_quantile``), so evaluation jobs need nothing beyond numpy. Intervals are two-sided and 95% by
+default (``confidence=0.95``). Bad inputs raise ``ValueError`` with a message that says what was
+wrong.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from numbers import Integral, Real
+
+import numpy as np
+
+__all__ = [
+    "accuracy_difference_interval",
+    "bootstrap_macro_f1_interval",
+    "macro_f1_from_confusion",
+    "mcnemar_exact",
+    "mean_interval",
+    "normal_quantile",
+    "paired_difference",
+    "t_quantile",
+    "wilson_interval",
+]
+
+MIN_BOOTSTRAP_DRAWS = 2000
+
+
+# ---------------------------------------------------------------------------------------------
+# input checks
+
+
+def _check_confidence(confidence: float) -> float:
+    if isinstance(confidence, bool) or not isinstance(confidence, Real):
+        raise ValueError(f"confidence must be a number strictly between 0 and 1, got {confidence!r}")
+    confidence = float(confidence)
+    if not 0.0 < confidence < 1.0:  # also rejects NaN
+        raise ValueError(f"confidence must be strictly between 0 and 1 (e.g. 0.95), got {confidence!r}")
+    return confidence
+
+
+def _check_count(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise ValueError(f"{name} must be a non-negative integer count, got {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must be a non-negative integer count, got {value!r}")
+    return int(value)
+
+
+def _check_probability(p: float, name: str = "p") -> float:
+    if isinstance(p, bool) or not isinstance(p, Real):
+        raise ValueError(f"{name} must be a probability strictly between 0 and 1, got {p!r}")
+    p = float(p)
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"{name} must be a probability strictly between 0 and 1, got {p!r}")
+    return p
+
+
+def _two_sided_z(confidence: float) -> float:
+    confidence = _check_confidence(confidence)
+    return normal_quantile(0.5 + confidence / 2.0)
+
+
+def _as_values(values: Sequence[float], name: str) -> np.ndarray:
+    try:
+        arr = np.asarray(values, dtype=float)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name} must be a 1-D sequence of numbers: {exc}") from None
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be a 1-D sequence of numbers, got shape {arr.shape}")
+    if arr.size == 0:
+        raise ValueError(f"{name} is empty: need at least one value")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return arr
+
+
+def _as_correct(values: Sequence[bool], name: str) -> np.ndarray:
+    arr = np.asarray(values)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be a 1-D sequence of booleans (one per example), got shape {arr.shape}")
+    if arr.dtype == bool:
+        return arr
+    if arr.size and (arr.dtype.kind not in "iuf" or not np.all((arr == 0) | (arr == 1))):
+        raise ValueError(f"{name} must hold booleans (or 0/1), one per example: was each prediction correct")
+    return arr.astype(bool)
+
+
+# ---------------------------------------------------------------------------------------------
+# quantiles
+
+
+# Acklam's rational approximation of the inverse normal CDF (relative error < 1.15e-9), refined
+# below by one Halley step with math.erfc, which brings it to about machine precision.
+_A = (-3.969683028665376e01, 2.209460984245205e02, -2.759285104469687e02,
+      1.383577518672690e02, -3.066479806614716e01, 2.506628277459239e00)
+_B = (-5.447609879822406e01, 1.615858368580409e02, -1.556989798598866e02,
+      6.680131188771972e01, -1.328068155288572e01)
+_C = (-7.784894002430293e-03, -3.223964580411365e-01, -2.400758277161838e00,
+      -2.549732539343734e00, 4.374664141464968e00, 2.938163982698783e00)
+_D = (7.784695709041462e-03, 3.224671290700398e-01, 2.445134137142996e00, 3.754408661907416e00)
+_P_LOW = 0.02425
+
+
+def normal_quantile(p: float) -> float:
+    """The standard normal quantile z with P(Z <= z) = p, for 0 < p < 1.
+
+    Needed for Wilson and Wald intervals without scipy. Acklam's algorithm plus one Halley
+    refinement step: absolute error well below 1e-9 across (0, 1).
+    """
+    p = _check_probability(p)
+    if p < _P_LOW:
+        q = math.sqrt(-2.0 * math.log(p))
+        x = ((((((_C[0] * q + _C[1]) * q + _C[2]) * q + _C[3]) * q + _C[4]) * q + _C[5])
+             / ((((_D[0] * q + _D[1]) * q + _D[2]) * q + _D[3]) * q + 1.0))
+    elif p <= 1.0 - _P_LOW:
+        q = p - 0.5
+        r = q * q
+        x = ((((((_A[0] * r + _A[1]) * r + _A[2]) * r + _A[3]) * r + _A[4]) * r + _A[5]) * q
+             / (((((_B[0] * r + _B[1]) * r + _B[2]) * r + _B[3]) * r + _B[4]) * r + 1.0))
+    else:
+        q = math.sqrt(-2.0 * math.log1p(-p))
+        x = -((((((_C[0] * q + _C[1]) * q + _C[2]) * q + _C[3]) * q + _C[4]) * q + _C[5])
+              / ((((_D[0] * q + _D[1]) * q + _D[2]) * q + _D[3]) * q + 1.0))
+    # Halley step on the tail that holds p, so that tiny tail probabilities keep their precision.
+    if x < 0:
+        e = 0.5 * math.erfc(-x / math.sqrt(2.0)) - p
+    else:
+        e = -(0.5 * math.erfc(x / math.sqrt(2.0)) - (1.0 - p))
+    u = e * math.sqrt(2.0 * math.pi) * math.exp(x * x / 2.0)
+    return x - u / (1.0 + x * u / 2.0)
+
+
+def _betacf(a: float, b: float, x: float) -> float:
+    """Continued fraction for the incomplete beta function (modified Lentz)."""
+    tiny = 1e-300
+    qab, qap, qam = a + b, a + 1.0, a - 1.0
+    c = 1.0
+    d = 1.0 - qab * x / qap
+    d = tiny if abs(d) < tiny else d
+    d = 1.0 / d
+    h = d
+    for m in range(1, 100_000):
+        m2 = 2 * m
+        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
+        d = 1.0 + aa * d
+        d = tiny if abs(d) < tiny else d
+        c = 1.0 + aa / c
+        c = tiny if abs(c) < tiny else c
+        d = 1.0 / d
+        h *= d * c
+        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
+        d = 1.0 + aa * d
+        d = tiny if abs(d) < tiny else d
+        c = 1.0 + aa / c
+        c = tiny if abs(c) < tiny else c
+        d = 1.0 / d
+        delta = d * c
+        h *= delta
+        if abs(delta - 1.0) < 1e-15:
+            return h
+    raise ArithmeticError(f"incomplete beta continued fraction did not converge (a={a}, b={b}, x={x})")
+
+
+def _stirling_tail(x: float) -> float:
+    """lgamma(x) - [(x - 1/2) log x - x + log(2 pi) / 2], for x >= 10."""
+    r = 1.0 / (x * x)
+    return (1.0 / 12.0 - r * (1.0 / 360.0 - r * (1.0 / 1260.0 - r * (1.0 / 1680.0 - r / 1188.0)))) / x
+
+
+def _log_gamma_ratio(a: float, b: float) -> float:
+    """lgamma(a + b) - lgamma(a) without the cancellation of two huge lgammas when a is large."""
+    if a < 10.0:
+        return math.lgamma(a + b) - math.lgamma(a)
+    return ((a - 0.5) * math.log1p(b / a) + b * math.log(a + b) - b
+            + _stirling_tail(a + b) - _stirling_tail(a))
+
+
+def _betainc(a: float, b: float, x: float, y: float) -> float:
+    """Regularized incomplete beta I_x(a, b); y = 1 - x is passed in to avoid cancellation."""
+    if x <= 0.0:
+        return 0.0
+    if y <= 0.0:
+        return 1.0
+    log_x = math.log1p(-y) if y < 0.5 else math.log(x)
+    log_y = math.log1p(-x) if x < 0.5 else math.log(y)
+    log_front = _log_gamma_ratio(a, b) - math.lgamma(b) + a * log_x + b * log_y
+    if x < (a + 1.0) / (a + b + 2.0):
+        return math.exp(log_front) * _betacf(a, b, x) / a
+    return 1.0 - math.exp(log_front) * _betacf(b, a, y) / b
+
+
+def _t_sf(t: float, df: float) -> float:
+    """P(T > t) for t >= 0: half the regularized incomplete beta at df / (df + t^2)."""
+    if t > 1e100:
+        # t * t could overflow and df / t^2 underflow: use the leading term of I_x(a, 1/2) at
+        # x = df / t^2 < 1e-199, x^a / (a B(a, 1/2)), in log space (next term is O(x) relative).
+        a = df / 2.0
+        log_x = math.log(df) - 2.0 * math.log(t)
+        return 0.5 * math.exp(a * log_x - math.log(a) + _log_gamma_ratio(a, 0.5) - math.lgamma(0.5))
+    t2 = t * t
+    return 0.5 * _betainc(df / 2.0, 0.5, df / (df + t2), t2 / (df + t2))
+
+
+def _t_pdf(t: float, df: float) -> float:
+    return math.exp(math.lgamma((df + 1.0) / 2.0) - math.lgamma(df / 2.0)
+                    - 0.5 * math.log(df * math.pi) - (df + 1.0) / 2.0 * math.log1p(t * t / df))
+
+
+def t_quantile(p: float, df: float) -> float:
+    """Student's t quantile t with P(T_df <= t) = p, for 0 < p < 1 and df > 0 (need not be whole).
+
+    Needed for confidence intervals of a mean over a handful of seeds, where the normal quantile
+    is far too narrow (df=2: 4.30 against 1.96). The t survival function comes from a
+    continued-fraction regularized incomplete beta; it is inverted by Newton steps kept inside a
+    shrinking bisection bracket, started from the Cornish-Fisher expansion. Accurate to well
+    under 1e-9 in practice. df=inf gives the normal quantile.
+    """
+    p = _check_probability(p)
+    if isinstance(df, bool) or not isinstance(df, Real) or math.isnan(df) or df <= 0:
+        raise ValueError(f"df (degrees of freedom) must be a positive number, got {df!r}")
+    df = float(df)
+    if p == 0.5:
+        return 0.0
+    # Work with the smaller tail probability q (exact in floating point) and the sign.
+    sign, q = (-1.0, p) if p < 0.5 else (1.0, 1.0 - p)
+    if math.isinf(df):
+        return -sign * normal_quantile(q)
+    return sign * _t_upper_quantile(q, df)
+
+
+def _t_upper_quantile(q: float, df: float) -> float:
+    """t > 0 with P(T_df > t) = q, for 0 < q < 0.5."""
+    if df == 1.0:  # Cauchy: closed form
+        return 1.0 / math.tan(math.pi * q)
+    if df == 2.0:  # closed form
+        return (1.0 - 2.0 * q) / math.sqrt(2.0 * q * (1.0 - q))
+    z = -normal_quantile(q)
+    # Cornish-Fisher expansion (Abramowitz & Stegun 26.7.5): a good start, exact enough alone
+    # for very large df where the continued fraction would need many terms.
+    z2 = z * z
+    g1 = (z2 + 1.0) * z / 4.0
+    g2 = ((5.0 * z2 + 16.0) * z2 + 3.0) * z / 96.0
+    g3 = (((3.0 * z2 + 19.0) * z2 + 17.0) * z2 - 15.0) * z / 384.0
+    g4 = ((((79.0 * z2 + 776.0) * z2 + 1482.0) * z2 - 1920.0) * z2 - 945.0) * z / 92160.0
+    guess = z + g1 / df + g2 / df**2 + g3 / df**3 + g4 / df**4
+    if df > 1e6:
+        return guess
+    lo, hi = 0.0, max(2.0 * guess, 1.0)
+    while _t_sf(hi, df) > q:
+        lo, hi = hi, hi * 2.0
+        if math.isinf(hi):  # beyond the largest float (tiny q with df < 1)
+            return math.inf
+    x = guess if lo < guess < hi else 0.5 * (lo + hi)
+    for _ in range(300):
+        f = _t_sf(x, df) - q  # decreasing in x
+        if f == 0.0:
+            return x
+        if f > 0:
+            lo = x
+        else:
+            hi = x
+        density = _t_pdf(x, df)
+        candidate = x + f / density if density > 0.0 else hi
+        if not lo < candidate < hi:
+            candidate = 0.5 * (lo + hi)
+        if abs(candidate - x) <= 1e-14 * max(1.0, abs(x)) or hi - lo <= 1e-15 * max(1.0, hi):
+            return candidate
+        x = candidate
+    return x
+
+
+# ---------------------------------------------------------------------------------------------
+# accuracy and macro-F1
+
+
+def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion, e.g. test accuracy = correct / n.
+
+    Unlike the Wald interval it stays inside [0, 1] and keeps near-nominal coverage at accuracies
+    near 0 or 1 and at small n. 0 successes gives a lower bound of exactly 0, n successes an
+    upper bound of exactly 1.
+    """
+    successes = _check_count(successes, "successes")
+    n = _check_count(n, "n")
+    if n == 0:
+        raise ValueError("wilson_interval needs n > 0 trials (an interval for 0 examples is undefined)")
+    if successes > n:
+        raise ValueError(f"successes ({successes}) cannot exceed n ({n})")
+    z = _two_sided_z(confidence)
+    phat = successes / n
+    z2n = z * z / n
+    center = (phat + z2n / 2.0) / (1.0 + z2n)
+    half = z / (1.0 + z2n) * math.sqrt(phat * (1.0 - phat) / n + z2n / (4.0 * n))
+    low = 0.0 if successes == 0 else max(0.0, center - half)
+    high = 1.0 if successes == n else min(1.0, center + half)
+    return low, high
+
+
+def _as_confusion(confusion: list[list[int]] | np.ndarray) -> np.ndarray:
+    try:
+        arr = np.asarray(confusion)
+    except ValueError as exc:  # ragged rows
+        raise ValueError(f"confusion must be a square matrix of counts: {exc}") from None
+    if arr.ndim != 2 or arr.shape[0] != arr.shape[1] or arr.shape[0] == 0:
+        raise ValueError(f"confusion must be a non-empty square matrix (rows true, columns predicted), "
+                         f"got shape {arr.shape}")
+    if arr.dtype == bool or arr.dtype.kind not in "iuf":
+        raise ValueError(f"confusion must hold integer counts, got dtype {arr.dtype}")
+    if arr.dtype.kind == "f" and not (np.all(np.isfinite(arr)) and np.all(arr == np.round(arr))):
+        raise ValueError("confusion must hold whole-number counts")
+    if np.any(arr < 0):
+        raise ValueError("confusion counts must be non-negative")
+    arr = arr.astype(np.int64)
+    if arr.sum() == 0:
+        raise ValueError("confusion is all zeros: no examples to score")
+    return arr
+
+
+def _macro_f1(counts: np.ndarray) -> np.ndarray:
+    """Macro-F1 over the last two axes (rows true, columns predicted); leading axes are batch."""
+    tp = np.diagonal(counts, axis1=-2, axis2=-1)
+    denom = counts.sum(axis=-2) + counts.sum(axis=-1)  # (TP + FP) + (TP + FN) = 2TP + FP + FN
+    f1 = np.divide(2.0 * tp, denom, out=np.zeros(denom.shape, dtype=float), where=denom > 0)
+    return f1.mean(axis=-1)
+
+
+def macro_f1_from_confusion(confusion: list[list[int]] | np.ndarray) -> float:
+    """Macro-F1 from a confusion matrix (rows true labels, columns predicted labels).
+
+    Per-class F1 = 2TP / (2TP + FP + FN), and 0 where that denominator is 0 (a class never
+    predicted and never present), as scikit-learn's zero_division=0 and dapt.eval.metrics.
+    """
+    return float(_macro_f1(_as_confusion(confusion)))
+
+
+def bootstrap_macro_f1_interval(confusion: list[list[int]] | np.ndarray, draws: int = 2000,
+                                seed: int = 0, confidence: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval for macro-F1, resampling the confusion matrix itself.
+
+    Macro-F1 is not a proportion, so there is no closed-form interval. Each draw is a multinomial
+    over the cells (n = total count, p = cell counts / n), i.e. the test set resampled with
+    replacement, which needs only the (all-reduced) confusion counts, never the examples. Draws
+    use numpy's Generator(PCG64(seed)), so a fixed seed gives the same interval; memory is
+    draws x classes^2 integers. At least 2000 draws: fewer make the 2.5%/97.5% percentiles noisy.
+    """
+    counts = _as_confusion(confusion)
+    draws = _check_count(draws, "draws")
+    if draws < MIN_BOOTSTRAP_DRAWS:
+        raise ValueError(f"draws must be at least {MIN_BOOTSTRAP_DRAWS} for stable percentile "
+                         f"intervals, got {draws}")
+    if isinstance(seed, bool) or not isinstance(seed, Integral):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    confidence = _check_confidence(confidence)
+    k = counts.shape[0]
+    n = int(counts.sum())
+    rng = np.random.Generator(np.random.PCG64(int(seed)))
+    resampled = rng.multinomial(n, counts.ravel() / n, size=draws).reshape(draws, k, k)
+    scores = _macro_f1(resampled)
+    tail = (1.0 - confidence) / 2.0
+    low, high = np.percentile(scores, [100.0 * tail, 100.0 * (1.0 - tail)])
+    return float(low), float(high)
+
+
+# ---------------------------------------------------------------------------------------------
+# means over seeds
+
+
+def mean_interval(values: Sequence[float], confidence: float = 0.95) -> dict:
+    """Mean, sample standard deviation (ddof=1) and Student-t interval of a metric over runs.
+
+    For a handful of seeds the t quantile (df = n - 1) is what makes the interval honest.
+    Returns {"n", "mean", "std", "ci_low", "ci_high"}. With n = 1 there is no spread to estimate:
+    "std", "ci_low" and "ci_high" are None (not NaN), so reports print them as missing.
+    """
+    arr = _as_values(values, "values")
+    confidence = _check_confidence(confidence)
+    n = int(arr.size)
+    mean = float(arr.mean())
+    if n == 1:
+        return {"n": 1, "mean": mean, "std": None, "ci_low": None, "ci_high": None}
+    std = float(arr.std(ddof=1))
+    half = t_quantile(0.5 + confidence / 2.0, n - 1) * std / math.sqrt(n)
+    return {"n": n, "mean": mean, "std": std, "ci_low": mean - half, "ci_high": mean + half}
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> dict:
+    """Mean of a - b over paired runs (two arms run on the same seeds) with its t interval.
+
+    Pairing removes the seed-to-seed variation the arms share, so it is much tighter than
+    comparing two independent means. Returns {"n", "mean", "std", "ci_low", "ci_high"} about the
+    differences (as mean_interval; None for std and the interval when n = 1), plus "mean_a" and
+    "mean_b".
+    """
+    arr_a = _as_values(a, "a")
+    arr_b = _as_values(b, "b")
+    if arr_a.size != arr_b.size:
+        raise ValueError(f"paired_difference needs one value per seed in both arms: "
+                         f"len(a)={arr_a.size} != len(b)={arr_b.size}")
+    result = mean_interval(arr_a - arr_b, confidence)
+    result["mean_a"] = float(arr_a.mean())
+    result["mean_b"] = float(arr_b.mean())
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# two classifiers on the same test examples
+
+
+def mcnemar_exact(b: int, c: int) -> float:
+    """Exact two-sided McNemar p-value from the discordant counts.
+
+    b = examples the first classifier got right and the second wrong, c = the reverse. Under the
+    null both are equally likely, so min(b, c) is Binomial(b + c, 1/2):
+    p = min(1, 2 * P(X <= min(b, c))), and 1.0 when b + c == 0. Summed in exact integer
+    arithmetic, so b + c in the tens of thousands is fine.
+    """
+    b = _check_count(b, "b")
+    c = _check_count(c, "c")
+    n = b + c
+    if n == 0:
+        return 1.0
+    k = min(b, c)
+    if 2 * k >= n:  # b == c: the two tails cover everything
+        return 1.0
+    term, total = 1, 1  # C(n, 0)
+    for i in range(k):
+        term = term * (n - i) // (i + 1)
+        total += term
+    return min(1.0, (2 * total) / (1 << n))  # int / int is correctly rounded, even when huge
+
+
+def accuracy_difference_interval(correct_a: Sequence[bool], correct_b: Sequence[bool],
+                                 confidence: float = 0.95) -> dict:
+    """Difference of two classifiers' accuracies on the same examples, with a paired interval.
+
+    diff = acc_a - acc_b = (b - c) / n, where b = examples only A got right and c = only B got
+    right. The Wald interval for paired proportions uses the variance from the discordant counts,
+    ((b + c) - (b - c)^2 / n) / n^2, which is much tighter than treating the accuracies as
+    independent; it is clipped to [-1, 1]. Returns {"diff", "ci_low", "ci_high", "b", "c", "n",
+    "acc_a", "acc_b", "mcnemar_p"} (mcnemar_p from mcnemar_exact(b, c)).
+    """
+    arr_a = _as_correct(correct_a, "correct_a")
+    arr_b = _as_correct(correct_b, "correct_b")
+    if arr_a.size != arr_b.size:
+        raise ValueError(f"correct_a and correct_b must cover the same examples: "
+                         f"len {arr_a.size} != {arr_b.size}")
+    n = int(arr_a.size)
+    if n == 0:
+        raise ValueError("accuracy_difference_interval needs at least one example")
+    z = _two_sided_z(confidence)
+    b = int(np.count_nonzero(arr_a & ~arr_b))
+    c = int(np.count_nonzero(~arr_a & arr_b))
+    diff = (b - c) / n
+    variance = max(0.0, ((b + c) - (b - c) ** 2 / n) / n**2)
+    half = z * math.sqrt(variance)
+    return {
+        "diff": diff,
+        "ci_low": max(-1.0, diff - half),
+        "ci_high": min(1.0, diff + half),
+        "b": b,
+        "c": c,
+        "n": n,
+        "acc_a": int(np.count_nonzero(arr_a)) / n,
+        "acc_b": int(np.count_nonzero(arr_b)) / n,
+        "mcnemar_p": mcnemar_exact(b, c),
+    }

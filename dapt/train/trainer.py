@@ -1,0 +1,441 @@
+"""The one training loop both stages share, on the DeepSpeed engine.
+
+A stage supplies a `Task` (dapt/train/tasks.py: its data, loss, evaluation and probe input); the
+Trainer owns the rest: output-dir safety, resume, the engine, accumulation, schedule, logging,
+evaluation, checkpoints, stop signals and export.
+
+    Trainer(cfg, stage).run()    check inputs -> set up (or resume) -> train() -> export
+    train()                      epochs of train_step(); evaluate(), save() and the stop check between steps
+
+A stop signal saves a checkpoint and raises `StopRequested` (the command exits 75); nothing here
+calls sys.exit.
+"""
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import torch
+
+from dapt.config import TrainConfig, to_dict, warmup_steps
+from dapt.data.batching import make_loader, steps_per_epoch, to_device, train_batches
+from dapt.distributed import DistInfo, all_reduce_max, all_reduce_sum, barrier, setup_distributed, shutdown
+from dapt.errors import DaptError, StopRequested
+from dapt.io import dump_json, read_json
+from dapt.layout import StageLayout
+from dapt.model.export import export_checkpoint, logits_of, save_hf_meta
+from dapt.model.loading import load_config, load_tokenizer, resolve_model
+from dapt.model.settings import check_length
+from dapt.observe.metrics_log import MetricsLog, open_metrics_log
+from dapt.observe.throughput import model_flops_per_token, peak_flops
+from dapt.observe.tracking import fresh_start
+from dapt.train import checkpoint as ckpt
+from dapt.train.engine import (
+    build_ds_config,
+    grad_norm_of,
+    load_ds_config,
+    param_groups,
+    precision_of,
+    set_seed,
+    zero_stage,
+)
+from dapt.train.selection import Selection
+from dapt.train.tasks import Stage, Task
+from dapt.version import __version__
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass
+class TrainState:
+    position: ckpt.TrainPosition
+    history: list[dict[str, Any]] = field(default_factory=list)  # evaluation records of this job
+
+
+@dataclass
+class Window:
+    """What happened since the last logged step (summed over micro-batches; all-reduced when logged)."""
+
+    loss_sum: torch.Tensor  # on the device: read (a host sync) only when logging
+    loss_count: int = 0
+    tokens: int = 0
+    samples: int = 0
+    steps: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    def reset(self) -> None:
+        self.loss_sum.zero_()
+        self.loss_count = self.tokens = self.samples = self.steps = 0
+        self.started = time.perf_counter()
+
+
+def guard_output_dir(out: Path, overwrite: bool) -> None:
+    """Refuse to write into a directory that holds a previous run (or anything else), unless told to."""
+    if not out.exists() or overwrite:
+        return
+    entries = {p.name for p in out.iterdir()}
+    if entries and not entries <= StageLayout.RUN_FILES:
+        raise DaptError(f"output_dir {out} is not empty (a previous run?); pass --overwrite_output_dir "
+                        f"to replace it or choose another directory")
+
+
+def real_tokens(batch: Batch) -> int:
+    """Non-padding tokens of a host-side batch (packed MLM batches carry no mask: all are real)."""
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+
+
+def stop_agreed(stop: ckpt.StopFlag, info: DistInfo) -> bool:
+    """True on every rank if any rank was signalled; `stop.signum` becomes the (largest) signal number."""
+    agreed = int(all_reduce_max(torch.tensor([float(stop.signum or 0)]), info)[0])
+    if agreed:
+        stop.signum = agreed
+    return bool(agreed)
+
+
+class Trainer:
+    """One stage's training job. Attributes set by `setup()` are the run's state."""
+
+    def __init__(self, cfg: TrainConfig, stage: Stage):
+        self.cfg, self.stage = cfg, stage
+        self.layout = StageLayout(Path(cfg.output_dir))
+
+    # --- the job ------------------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        """Validate, train (or resume), checkpoint and export. Returns the run summary."""
+        resume_from = self.check_inputs()
+        done = self.finished_summary(resume_from)
+        if done is not None:
+            print(f"{self.layout.root}: this run already finished (model exported from {resume_from}); "
+                  "nothing to do", flush=True)
+            return done
+        try:
+            self.setup(resume_from)
+            self.train()
+            summary = self.export()
+        except StopRequested:
+            if self.info.is_main:
+                print(f"[{self.task.arch}] stopped by signal {self.stop.signum} at step {self.position.step}; "
+                      "checkpoint saved; exit 75 (requeue me)", flush=True)
+            self.log.finish(preempted=True)
+            self.close()
+            raise
+        except BaseException:
+            self.close(barrier_first=False)  # no barrier: another rank may not have got this far
+            raise
+        self.close()
+        return summary
+
+    def check_inputs(self) -> Path | None:
+        """Everything that can be checked without data or a process group fails first, writing nothing.
+        Returns the checkpoint to resume from (None: a fresh start)."""
+        cfg = self.cfg
+        self.ds_raw = load_ds_config(cfg.ds_config)
+        self.model_path = resolve_model(cfg.model_name_or_path)
+        check_length(cfg.max_seq_length, getattr(load_config(self.model_path), "max_position_embeddings", None))
+        out = self.layout.root
+        fresh = cfg.overwrite_output_dir and cfg.resume == "auto"
+        resume_from = None if fresh else ckpt.find_resume(out, cfg.resume)
+        if resume_from is None:
+            guard_output_dir(out, cfg.overwrite_output_dir)
+        return resume_from
+
+    def finished_summary(self, resume_from: Path | None) -> dict[str, Any] | None:
+        """The summary of a run whose export of its final checkpoint already completed."""
+        summary = read_json(self.layout.summary, {})
+        if resume_from is None or not summary or not self.layout.model.is_dir():
+            return None
+        return summary if summary.get("final_checkpoint", summary.get("checkpoint")) == str(resume_from) else None
+
+    def setup(self, resume_from: Path | None) -> None:
+        """Process group, data, DeepSpeed config and engine; then the restored state and the log."""
+        cfg = self.cfg
+        self.info = info = setup_distributed()
+        self.stop = ckpt.StopFlag()
+        self.tokenizer = load_tokenizer(self.model_path)
+        self.task: Task = self.stage.build_task(cfg, info, self.tokenizer)
+        self.per_epoch = steps_per_epoch(self.task.n_train, cfg.effective_batch_size)
+        self.total_steps = self.per_epoch * cfg.num_epochs
+        self.ds_cfg = build_ds_config(cfg, self.ds_raw, cfg.ds_config, info.world_size, self.total_steps)
+        self.accum = self.ds_cfg["gradient_accumulation_steps"]
+        self.precision = precision_of(self.ds_cfg)
+        saved_world = ckpt.validate(resume_from).world_size if resume_from else info.world_size
+        if resume_from is not None and saved_world != info.world_size:
+            resume_from = ckpt.to_universal(resume_from, info)  # re-partition ZeRO state for the new world size
+            self.ds_cfg["checkpoint"] = {**self.ds_cfg.get("checkpoint", {}), "load_universal": True}
+        # The same seed on every rank: newly initialised weights (a new head) must be identical on all
+        # ranks, and two runs of one config must be the same run.
+        set_seed(cfg.seed)
+        model = self.stage.load_model(cfg, self.model_path)
+        self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg.weight_decay),
+                                                    config=self.ds_cfg)
+        self.ckpts = ckpt.CheckpointManager(self.layout.checkpoints, info, cfg.keep_last, cfg.pin_checkpoints,
+                                            self.write_meta)
+        self.state = TrainState(ckpt.TrainPosition(world_size=info.world_size,
+                                                   effective_batch_size=cfg.effective_batch_size, seed=cfg.seed))
+        self.selection = Selection(cfg.select_best, cfg.early_stopping_patience)
+        if resume_from is not None:
+            self.restore(resume_from, same_world=saved_world == info.world_size)
+        self.log = self.open_log(resume_from) if info.is_main else MetricsLog(None)
+
+    def restore(self, tag_dir: Path, same_world: bool) -> None:
+        pos = self.ckpts.load(self.engine, tag_dir, same_world)
+        cfg = self.cfg
+        if (pos.effective_batch_size, pos.seed) != (cfg.effective_batch_size, cfg.seed):
+            raise DaptError(f"checkpoint {tag_dir} was trained with effective_batch_size "
+                            f"{pos.effective_batch_size} and seed {pos.seed}; this run has "
+                            f"{cfg.effective_batch_size} and {cfg.seed}")
+        self.state.position = ckpt.TrainPosition(**{**asdict(pos), "world_size": self.info.world_size})
+        self.ds_cfg.get("checkpoint", {}).pop("load_universal", None)
+        self.selection.load_state_dict(ckpt.read_state(tag_dir).get("selection"))
+        if self.selection.best_step is not None:
+            self.ckpts.pin(ckpt.tag_for(self.selection.best_step))
+        self.resumed_from = tag_dir
+
+    def open_log(self, resume_from: Path | None) -> MetricsLog:
+        """Rank 0: a fresh start clears a previous run's files; the run config and a banner; the log."""
+        cfg, out, layout = self.cfg, self.layout.root, self.layout
+        if resume_from is None:
+            for stale in (layout.checkpoints, layout.metrics, layout.summary):
+                shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
+        run_config = {"dapt_version": __version__, "stage": self.task.arch, "config": to_dict(cfg),
+                      "deepspeed": self.ds_cfg, "world_size": self.info.world_size,
+                      "device": str(self.info.device), "precision": self.precision, "model": self.model_path}
+        dump_json(run_config, layout.run_config)
+        total, warmup = self.total_steps, warmup_steps(cfg, self.total_steps)
+        if warmup > total:
+            print(f"warning: warmup of {warmup} steps exceeds the {total} steps of this run; the learning "
+                  "rate peaks at the last step", flush=True)
+        print(f"[{self.task.arch}] {self.task.n_train} train examples, {self.per_epoch} steps/epoch x "
+              f"{cfg.num_epochs} epochs = {total} steps; batch {cfg.micro_batch_size} x {self.accum} accumulation "
+              f"x {self.info.world_size} rank(s) = {cfg.effective_batch_size}; warmup "
+              f"{self.ds_cfg['scheduler']['params']['warmup_num_steps']} steps; ZeRO-{zero_stage(self.ds_cfg)} "
+              f"{self.precision} on {self.info.device} ({self.info.backend})"
+              + (f"; resumed from {resume_from} at step {self.position.step}" if resume_from else ""), flush=True)
+        if resume_from is None:
+            fresh_start(out)  # a new run gets a new W&B run; a resumed one continues its own
+        log = open_metrics_log(cfg, layout, self.task.export_settings().get("stage", self.task.arch),
+                               run_config, resume_from is not None, total, self.position.step)
+        log.truncate_after(self.position.step)
+        return log
+
+    @property
+    def position(self) -> ckpt.TrainPosition:
+        return self.state.position
+
+    def close(self, barrier_first: bool = True) -> None:
+        """Leave the process group (after the others, normally) and put back the signal handlers."""
+        if barrier_first:
+            barrier()
+        if getattr(self, "info", None) is None or self.info.owns_group:
+            shutdown()
+        if hasattr(self, "stop"):
+            self.stop.restore()
+
+    # --- the loop -----------------------------------------------------------------------------------
+
+    def train(self) -> None:
+        """Epochs of optimizer steps from the current position; raises StopRequested after a stop save."""
+        cfg, pos = self.cfg, self.position
+        self.window = Window(torch.zeros((), dtype=torch.float32, device=self.info.device))
+        self.flops_per_token = model_flops_per_token(self.engine.module, cfg.max_seq_length)
+        self.peak = peak_flops(cfg)
+        # The loader's own generator: creating a loader must not draw from the global RNG (dropout), or a
+        # resumed run would diverge from an uninterrupted one.
+        self.loader_gen = torch.Generator().manual_seed(cfg.seed)
+        started = time.perf_counter()
+        while pos.epoch < cfg.num_epochs and not self.selection.stopped_early:
+            self.train_epoch()
+        self.train_seconds = time.perf_counter() - started
+
+    def train_epoch(self) -> None:
+        cfg, pos, info, task = self.cfg, self.position, self.info, self.task
+        epoch = pos.epoch
+        self.engine.train()
+        batches = train_batches(task.n_train, epoch, cfg.seed, info.rank, info.world_size, cfg.micro_batch_size,
+                                cfg.effective_batch_size, task.lengths)[pos.step_in_epoch * self.accum:]
+        loader = make_loader(task.train_rows, batches, task.collate(epoch), cfg.num_workers,
+                             info.device.type != "cpu", self.loader_gen)
+        while pos.step_in_epoch < self.per_epoch:
+            self.train_step([next(loader) for _ in range(self.accum)])  # one optimizer step's micro-batches
+            # A signal that arrived mid-accumulation takes effect only now, at the optimizer step.
+            pos.step += 1
+            pos.step_in_epoch += 1
+            self.window.steps += 1
+            self.log.advance(pos.step)
+            progress = epoch + pos.step_in_epoch / self.per_epoch
+            if pos.step % cfg.logging_steps == 0 or pos.step == self.total_steps:
+                self.log_window(progress)
+            if pos.step_in_epoch == self.per_epoch:
+                break  # the epoch-end evaluation and checkpoint follow
+            saved = False
+            if cfg.eval_steps and pos.step % cfg.eval_steps == 0 and self.evaluate(progress) and self.selection.enabled:
+                self.save()  # every candidate for the best step gets its checkpoint (with the selection state)
+                saved = True
+                if self.selection.stopped_early:
+                    return self.report_early_stop()
+            self.stop_if_requested(saved)
+            if cfg.save_steps and pos.step % cfg.save_steps == 0 and not saved:
+                self.save()
+        self.evaluate(float(epoch + 1))
+        pos.epoch, pos.step_in_epoch = epoch + 1, 0
+        self.save()
+        if self.selection.stopped_early:
+            return self.report_early_stop()
+        if pos.epoch < cfg.num_epochs:
+            self.stop_if_requested(saved=True)
+
+    def train_step(self, step_batches: list[Batch]) -> None:
+        """Forward and backward of each micro-batch; DeepSpeed steps the optimizer after the last one."""
+        task, info, engine, w = self.task, self.info, self.engine, self.window
+        norm = None
+        if task.global_loss_norm:
+            # All-reduced count of loss targets in this step: every target weighs the same, whichever
+            # rank or micro-batch it is in (DeepSpeed averages over ranks and micro-steps).
+            counts = [task.n_targets(b) for b in step_batches]  # on the host, once per micro-batch
+            total = float(all_reduce_sum(torch.tensor([float(sum(counts))]), info)[0])
+            norm = max(total, 1.0) / (info.world_size * self.accum)
+        for i, batch in enumerate(step_batches):
+            w.tokens += real_tokens(batch)  # counted on the host: no device sync
+            w.samples += batch["input_ids"].shape[0]
+            out = engine(**to_device(batch, info.device))
+            if norm is not None:
+                batch_sum = task.loss_sum(out, counts[i])
+                engine.backward(batch_sum / norm)
+            else:
+                engine.backward(out.loss)
+            engine.step()
+            if norm is not None:
+                w.loss_sum += batch_sum.detach().float()
+                w.loss_count += counts[i]
+            else:
+                w.loss_sum += out.loss.detach().float()
+                w.loss_count += 1
+            ckpt.inject("train", info.rank, self.position.step)  # tests: a signal or crash mid-accumulation
+
+    def log_window(self, progress: float) -> None:
+        """One record of the steps since the last one: loss, lr, throughput, grad norm, loss scale."""
+        w, engine, step = self.window, self.engine, self.position.step
+        totals = all_reduce_sum(torch.tensor([float(w.loss_sum), w.loss_count, w.tokens, w.samples],
+                                             dtype=torch.float64), self.info)
+        elapsed = time.perf_counter() - w.started
+        record = {"step": step, "epoch": round(progress, 4), "loss": float(totals[0] / totals[1]),
+                  "lr": engine.get_lr()[0], "tokens_per_s": float(totals[2]) / elapsed,
+                  "samples_per_s": float(totals[3]) / elapsed, "step_time_s": elapsed / max(1, w.steps),
+                  "skipped_steps": int(engine.skipped_steps)}
+        if self.peak:
+            record["mfu"] = record["tokens_per_s"] * self.flops_per_token / (self.peak * self.info.world_size)
+        if engine.fp16_enabled():  # dynamic loss scale: a collapse to 1 means training stalled
+            record["loss_scale"] = float(engine.optimizer.cur_scale)
+        grad_norm = grad_norm_of(engine)  # the last step's global norm, before clipping
+        if grad_norm is not None:
+            record["grad_norm"] = grad_norm
+        self.log.write(record, f"step {step}/{self.total_steps} epoch {progress:.2f} loss {record['loss']:.4f} "
+                               f"lr {record['lr']:.3e} tok/s {record['tokens_per_s']:.0f}"
+                               + (f" mfu {record['mfu']:.1%}" if "mfu" in record else "")
+                               + (f" loss_scale {record['loss_scale']:g}" if "loss_scale" in record else ""))
+        w.reset()
+
+    def evaluate(self, epoch: float) -> dict[str, Any] | None:
+        """Held-out metrics at this step (all ranks), logged; None when the task has no held-out data."""
+        self.engine.eval()
+        start = time.perf_counter()
+        metrics = self.task.evaluate(self.engine, self.info)
+        self.engine.train()
+        if not metrics:
+            return None
+        step = self.position.step
+        record = {"step": step, "epoch": round(epoch, 4), **{f"eval_{k}": v for k, v in metrics.items()},
+                  "eval_seconds": round(time.perf_counter() - start, 3)}
+        self.state.history.append(record)
+        if self.selection.enabled:
+            previous = self.selection.best_step
+            if self.selection.update(record):  # the new best: keep its checkpoint beyond keep_last
+                if previous is not None:
+                    self.ckpts.unpin(ckpt.tag_for(previous))
+                self.ckpts.pin(ckpt.tag_for(step))
+        self.log.write(record, f"eval @ step {step}: " + " ".join(
+            f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+        return record
+
+    def stop_if_requested(self, saved: bool = False) -> None:
+        """All ranks agree on a stop request (any rank signalled), so all save the same step."""
+        if stop_agreed(self.stop, self.info):
+            if not saved:
+                self.save()
+            raise StopRequested(self.stop.signum or 0, self.position.step)
+
+    def save(self) -> Path:
+        extra = {"selection": self.selection.state_dict()} if self.selection.enabled else None
+        return self.ckpts.save(self.engine, self.position, extra)
+
+    def report_early_stop(self) -> None:
+        sel = self.selection
+        if self.info.is_main:
+            print(f"[{self.task.arch}] early stop at step {self.position.step}: {sel.since_best} evaluations without "
+                  f"improvement of held-out {sel.metric} (best {sel.best_value:.6g} at step {sel.best_step})",
+                  flush=True)
+
+    def write_meta(self, tag_dir: Path) -> None:
+        save_hf_meta(tag_dir, self.engine.module.config, self.tokenizer, self.task.arch, self.task.export_settings())
+
+    # --- the end ------------------------------------------------------------------------------------
+
+    def export(self) -> dict[str, Any]:
+        """Export the final checkpoint (or, with --select_best, the best one) and check the exported
+        model's logits against the engine's."""
+        final = self.layout.checkpoints / ckpt.tag_for(self.position.step)
+        if not (final / ckpt.STATE_FILE).is_file():  # e.g. no steps left; normally the epoch-end save
+            final = self.save()
+        chosen, comparable = self.load_selected(final)
+        # Probe logits from the engine (all ranks: ZeRO-3 gathers collectively).
+        self.engine.eval()
+        probe = {k: v for k, v in self.task.probe().items() if k != "labels"}  # the dense forward: full logits
+        with torch.no_grad():
+            before = self.engine(**to_device(probe, self.info.device)).logits.float().cpu()
+        chosen_eval = [r for r in self.state.history if r["step"] == self.selection.best_step]
+        summary: dict[str, Any] = {
+            "stage": self.task.arch, "steps": self.position.step, "train_seconds": round(self.train_seconds, 2),
+            "world_size": self.info.world_size, "precision": self.precision,
+            "final_eval": self.state.history[-1] if self.state.history else {}, "final_checkpoint": str(final)}
+        if self.selection.enabled:
+            summary["selected"] = {"metric": self.selection.metric, "value": self.selection.best_value,
+                                   "step": self.selection.best_step, "evaluations": self.selection.evaluations,
+                                   "stopped_early": self.selection.stopped_early, "checkpoint": str(chosen),
+                                   **({"eval": chosen_eval[-1]} if chosen_eval else {})}
+        if self.info.is_main:
+            model_dir, exported = export_checkpoint(str(chosen), self.layout.model, overwrite=True)
+            summary.update({"model_dir": str(model_dir), "checkpoint": str(chosen)})
+            if comparable:
+                diff = float((logits_of(exported, probe) - before).abs().max())
+                tolerance = 1e-4 if self.precision == "fp32" else 0.1 * max(1.0, float(before.abs().max()))
+                if not math.isfinite(diff) or diff > tolerance:
+                    raise RuntimeError(f"exported model disagrees with the trained one: max |logit diff| {diff:.3g} "
+                                       f"> {tolerance:.3g}")
+                summary["export_max_abs_logit_diff"] = diff
+            dump_json(summary, self.layout.summary)
+            print(f"[{self.task.arch}] exported {model_dir} from {chosen.name}"
+                  + (f" (max |logit diff| vs trained model: {summary['export_max_abs_logit_diff']:.2e})"
+                     if comparable else " (not compared: saved at another world size)"), flush=True)
+            self.log.finish(summary)
+        return summary
+
+    def load_selected(self, final: Path) -> tuple[Path, bool]:
+        """The checkpoint to export, and whether the engine now holds its weights (for the logit check).
+        With --select_best the best checkpoint is loaded back into the engine (when it was saved at this
+        world size)."""
+        sel = self.selection
+        if not sel.enabled or sel.best_step is None or sel.best_step == self.position.step:
+            return final, True
+        best = self.layout.checkpoints / ckpt.tag_for(sel.best_step)
+        if ckpt.validate(best).world_size != self.info.world_size:
+            return best, False
+        self.ckpts.load(self.engine, best, same_world=True)
+        return best, True

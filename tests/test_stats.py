@@ -1,0 +1,327 @@
+"""dapt.eval.stats: intervals and paired tests against published values, direct sums and (where
+installed) scipy / scikit-learn. Pure unit tests: no ranks, no subprocesses, no torch."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from dapt.eval.stats import (
+    accuracy_difference_interval,
+    bootstrap_macro_f1_interval,
+    macro_f1_from_confusion,
+    mcnemar_exact,
+    mean_interval,
+    normal_quantile,
+    paired_difference,
+    t_quantile,
+    wilson_interval,
+)
+
+# A 3-class confusion matrix (rows true, columns predicted) used by several tests.
+CONFUSION = [[50, 8, 2], [6, 40, 4], [3, 5, 32]]
+
+
+# ---------------------------------------------------------------------------------------------
+# quantiles
+
+
+@pytest.mark.parametrize("p, expected", [
+    (0.5, 0.0), (0.975, 1.959964), (0.95, 1.644854), (0.995, 2.575829), (0.025, -1.959964),
+    (0.999, 3.090232), (1e-10, -6.361341),
+])
+def test_normal_quantile_table_values(p, expected):
+    assert normal_quantile(p) == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize("p, df, expected", [
+    (0.975, 1, 12.706205), (0.975, 2, 4.302653), (0.975, 5, 2.570582), (0.975, 10, 2.228139),
+    (0.975, 30, 2.042272), (0.975, 120, 1.979930), (0.95, 1, 6.313752), (0.995, 5, 4.032143),
+    (0.025, 10, -2.228139), (0.9, 3, 1.637744), (0.5, 7, 0.0),
+])
+def test_t_quantile_table_values(p, df, expected):
+    assert t_quantile(p, df) == pytest.approx(expected, abs=1e-6)
+
+
+def test_t_quantile_tends_to_normal():
+    assert t_quantile(0.975, math.inf) == normal_quantile(0.975)
+    assert t_quantile(0.975, 1e9) == pytest.approx(normal_quantile(0.975), abs=1e-8)
+    assert t_quantile(0.975, 1e4) > t_quantile(0.975, 1e5) > normal_quantile(0.975)
+
+
+def test_quantiles_match_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    for p in [1e-12, 1e-6, 0.001, 0.01, 0.025, 0.1, 0.3, 0.4999, 0.6, 0.9, 0.975, 0.999, 1 - 1e-9]:
+        assert normal_quantile(p) == pytest.approx(stats.norm.ppf(p), rel=1e-12, abs=1e-12)
+        for df in [0.5, 1, 1.5, 2, 3, 4, 7.3, 10, 29, 100, 999, 1e5, 3e6]:
+            assert t_quantile(p, df) == pytest.approx(stats.t.ppf(p, df), rel=1e-8, abs=1e-9), (p, df)
+
+
+def test_t_quantile_inverts_its_cdf_in_far_tails():
+    # df=10, p=1e-300: t = -(2.56e30); check through the tail formula P(T < -t) ~ c t^-df.
+    t = t_quantile(1e-300, 10)
+    c = math.exp(math.lgamma(5.5) - math.lgamma(5) - 0.5 * math.log(10 * math.pi)) * 10**5.5 / 10
+    assert c * abs(t) ** -10 == pytest.approx(1e-300, rel=1e-8)
+    assert t_quantile(1e-300, 0.1) == -math.inf  # beyond the largest float
+
+
+@pytest.mark.parametrize("call", [
+    lambda: normal_quantile(0.0), lambda: normal_quantile(1.0), lambda: normal_quantile(float("nan")),
+    lambda: t_quantile(0.975, 0), lambda: t_quantile(0.975, -3), lambda: t_quantile(1.5, 3),
+    lambda: t_quantile(0.975, float("nan")),
+])
+def test_quantile_bad_inputs(call):
+    with pytest.raises(ValueError, match=r"probability|df"):
+        call()
+
+
+# ---------------------------------------------------------------------------------------------
+# Wilson
+
+
+@pytest.mark.parametrize("successes, n, low, high", [
+    # Newcombe (1998), Statistics in Medicine 17:857, Table II, method 3 (score, no correction)
+    (81, 263, 0.2553, 0.3662), (15, 148, 0.0624, 0.1605), (0, 20, 0.0, 0.1611), (1, 29, 0.0061, 0.1718),
+])
+def test_wilson_matches_newcombe(successes, n, low, high):
+    lo, hi = wilson_interval(successes, n)
+    assert lo == pytest.approx(low, abs=5e-5)
+    assert hi == pytest.approx(high, abs=5e-5)
+
+
+def test_wilson_edges_and_confidence():
+    assert wilson_interval(0, 20)[0] == 0.0
+    assert wilson_interval(20, 20)[1] == 1.0
+    lo, hi = wilson_interval(20, 20)
+    assert lo == pytest.approx(1 - wilson_interval(0, 20)[1])  # symmetric in successes <-> failures
+    assert hi == 1.0
+    narrow, wide = wilson_interval(81, 263, 0.90), wilson_interval(81, 263, 0.99)
+    assert wide[0] < narrow[0] < 81 / 263 < narrow[1] < wide[1]
+    assert wilson_interval(np.int64(5), np.int64(10)) == wilson_interval(5, 10)
+
+
+def test_wilson_matches_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    for k, n in [(0, 1), (1, 1), (3, 7), (950, 1000), (24_999, 25_000), (12_345, 25_000)]:
+        ci = stats.binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+        assert wilson_interval(k, n) == pytest.approx((ci.low, ci.high), abs=1e-12)
+
+
+@pytest.mark.parametrize("args, message", [
+    ((0, 0), "n > 0"), ((5, 4), "cannot exceed"), ((-1, 4), "non-negative"), ((1.0, 4), "integer"),
+    ((1, 4, 1.0), "confidence"), ((1, 4, 0), "confidence"), ((1, 4, float("nan")), "confidence"),
+    ((True, 4), "integer"),
+])
+def test_wilson_bad_inputs(args, message):
+    with pytest.raises(ValueError, match=message):
+        wilson_interval(*args)
+
+
+# ---------------------------------------------------------------------------------------------
+# macro-F1 and its bootstrap
+
+
+def test_macro_f1_by_hand():
+    # class 0: TP=50, FP=9, FN=10 -> 100/119; class 1: 80/(80+13+10); class 2: 64/(64+6+8)
+    expected = (100 / 119 + 80 / 103 + 64 / 78) / 3
+    assert macro_f1_from_confusion(CONFUSION) == pytest.approx(expected, rel=1e-15)
+    # F1 treats FP and FN alike, so swapping true and predicted labels leaves it unchanged
+    assert macro_f1_from_confusion(np.array(CONFUSION).T) == pytest.approx(expected, rel=1e-15)
+
+
+def test_macro_f1_class_never_seen_counts_as_zero():
+    # class 2 neither present nor predicted: F1 = 0 (scikit-learn zero_division=0)
+    assert macro_f1_from_confusion([[5, 0, 0], [0, 5, 0], [0, 0, 0]]) == pytest.approx(2 / 3)
+    assert macro_f1_from_confusion([[3, 1], [0, 0]]) == pytest.approx((6 / 7 + 0) / 2)  # class 1 only predicted
+
+
+def test_macro_f1_matches_sklearn():
+    metrics = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(1)
+    for k in [2, 3, 5]:
+        y_true = rng.integers(0, k - 1, 300)  # the last class never true ...
+        y_pred = np.where(rng.random(300) < 0.7, y_true, rng.integers(0, k, 300))
+        confusion = np.zeros((k, k), dtype=int)
+        np.add.at(confusion, (y_true, y_pred), 1)
+        expected = metrics.f1_score(y_true, y_pred, labels=list(range(k)), average="macro", zero_division=0)
+        assert macro_f1_from_confusion(confusion) == pytest.approx(expected, rel=1e-12)
+
+
+def test_bootstrap_contains_point_and_is_deterministic():
+    point = macro_f1_from_confusion(CONFUSION)
+    lo, hi = bootstrap_macro_f1_interval(CONFUSION)
+    assert 0.0 < lo < point < hi < 1.0
+    assert bootstrap_macro_f1_interval(CONFUSION) == (lo, hi)
+    assert bootstrap_macro_f1_interval(np.array(CONFUSION), seed=0) == (lo, hi)
+    assert bootstrap_macro_f1_interval(CONFUSION, seed=1) != (lo, hi)
+    lo99, hi99 = bootstrap_macro_f1_interval(CONFUSION, confidence=0.99)
+    assert lo99 < lo and hi < hi99
+
+
+def test_bootstrap_equals_a_per_draw_loop():
+    """The vectorised draws and scores equal a plain loop over the same PCG64 stream."""
+    counts = np.array(CONFUSION)
+    n = int(counts.sum())
+    rng = np.random.Generator(np.random.PCG64(7))
+    draws = rng.multinomial(n, counts.ravel() / n, size=2000)
+    scores = [macro_f1_from_confusion(d.reshape(3, 3)) for d in draws]
+    expected = np.percentile(scores, [2.5, 97.5])
+    assert bootstrap_macro_f1_interval(counts, draws=2000, seed=7) == pytest.approx(tuple(expected), rel=1e-12)
+
+
+def test_bootstrap_narrows_with_100x_the_counts():
+    lo, hi = bootstrap_macro_f1_interval(CONFUSION)
+    big_lo, big_hi = bootstrap_macro_f1_interval(np.array(CONFUSION) * 100)
+    ratio = (big_hi - big_lo) / (hi - lo)
+    assert 0.05 < ratio < 0.2  # ~ 1 / sqrt(100)
+    assert big_lo < macro_f1_from_confusion(CONFUSION) < big_hi
+
+
+def test_bootstrap_perfect_and_hopeless_classifiers():
+    assert bootstrap_macro_f1_interval([[50, 0], [0, 50]]) == (1.0, 1.0)
+    assert bootstrap_macro_f1_interval([[0, 50], [50, 0]]) == (0.0, 0.0)
+    # an absent class always scores 0, so macro-F1 can never exceed 2/3
+    lo, hi = bootstrap_macro_f1_interval([[40, 2, 0], [3, 45, 0], [0, 0, 0]])
+    assert hi <= 2 / 3 and lo > 0.5
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"confusion": [[1, 2, 3], [4, 5, 6]]}, "square"),
+    ({"confusion": [1, 2, 3]}, "square"),
+    ({"confusion": [[1, -1], [0, 3]]}, "non-negative"),
+    ({"confusion": [[0, 0], [0, 0]]}, "all zeros"),
+    ({"confusion": [[1.5, 0], [0, 3]]}, "whole-number"),
+    ({"confusion": [["a", "b"], ["c", "d"]]}, "integer counts"),
+    ({"confusion": [[1, 2], [3]]}, "square"),
+    ({"confusion": CONFUSION, "draws": 1999}, "at least 2000"),
+    ({"confusion": CONFUSION, "seed": 1.5}, "seed"),
+    ({"confusion": CONFUSION, "confidence": 95}, "confidence"),
+])
+def test_bootstrap_bad_inputs(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        bootstrap_macro_f1_interval(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# means over seeds
+
+
+def test_mean_interval_by_hand():
+    r = mean_interval([1.0, 2.0, 3.0])
+    assert r["n"] == 3 and r["mean"] == 2.0 and r["std"] == 1.0
+    half = 4.302653 / math.sqrt(3)  # t(0.975, 2) * s / sqrt(n)
+    assert r["ci_low"] == pytest.approx(2.0 - half, abs=1e-6)
+    assert r["ci_high"] == pytest.approx(2.0 + half, abs=1e-6)
+
+
+def test_mean_interval_matches_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    values = [0.912, 0.905, 0.921, 0.899, 0.917]
+    r = mean_interval(values, confidence=0.9)
+    low, high = stats.t.interval(0.9, len(values) - 1, loc=np.mean(values), scale=stats.sem(values))
+    assert (r["ci_low"], r["ci_high"]) == pytest.approx((low, high), rel=1e-12)
+
+
+def test_mean_interval_single_run_and_constant_runs():
+    assert mean_interval([0.9]) == {"n": 1, "mean": 0.9, "std": None, "ci_low": None, "ci_high": None}
+    r = mean_interval([0.5, 0.5, 0.5])
+    assert r["std"] == 0.0 and r["ci_low"] == r["ci_high"] == 0.5
+
+
+def test_paired_difference_by_hand():
+    a, b = [0.90, 0.91, 0.92], [0.88, 0.90, 0.89]  # differences 0.02, 0.01, 0.03
+    r = paired_difference(a, b)
+    assert r["n"] == 3
+    assert r["mean"] == pytest.approx(0.02)
+    assert r["std"] == pytest.approx(0.01)
+    half = 4.302653 * 0.01 / math.sqrt(3)
+    assert (r["ci_low"], r["ci_high"]) == pytest.approx((0.02 - half, 0.02 + half), abs=1e-8)
+    assert r["mean_a"] == pytest.approx(0.91) and r["mean_b"] == pytest.approx(0.89)
+    # pairing: the spread of the differences, not of each arm, sets the width
+    assert r["ci_high"] - r["ci_low"] < mean_interval(a)["ci_high"] - mean_interval(a)["ci_low"]
+    single = paired_difference([0.9], [0.8])
+    assert single["std"] is None and single["ci_low"] is None
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: mean_interval([]), "empty"),
+    (lambda: mean_interval([1.0, float("nan")]), "NaN"),
+    (lambda: mean_interval([[1.0, 2.0]]), "1-D"),
+    (lambda: mean_interval(["x", "y"]), "numbers"),
+    (lambda: mean_interval([1.0, 2.0], confidence=1.0), "confidence"),
+    (lambda: paired_difference([1.0, 2.0], [1.0]), "len"),
+])
+def test_mean_bad_inputs(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+# ---------------------------------------------------------------------------------------------
+# two classifiers on the same examples
+
+
+def _binomial_two_sided(b: int, c: int) -> float:
+    n, k = b + c, min(b, c)
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n)
+
+
+@pytest.mark.parametrize("b, c, expected", [
+    (1, 6, 0.125), (6, 1, 0.125), (0, 0, 1.0), (0, 5, 0.0625), (10, 0, 2 / 1024), (3, 3, 1.0),
+    (4, 5, 1.0), (0, 1, 1.0),
+])
+def test_mcnemar_exact_small(b, c, expected):
+    assert mcnemar_exact(b, c) == pytest.approx(expected, rel=1e-15)
+
+
+def test_mcnemar_exact_matches_direct_sums_and_scales():
+    for b, c in [(7, 20), (30, 12), (100, 140), (512, 600)]:
+        assert mcnemar_exact(b, c) == pytest.approx(_binomial_two_sided(b, c), rel=1e-12)
+    # b + c = 25,000: still exact integer arithmetic, and fast
+    p = mcnemar_exact(12_000, 13_000)
+    assert 0 < p < 1e-9
+    assert p == pytest.approx(2.631745508336e-10, rel=1e-9)  # scipy.stats.binomtest(12000, 25000)
+    assert mcnemar_exact(0, 25_000) == 0.0  # 2 ** -24999 underflows to 0, no error
+    assert mcnemar_exact(12_500, 12_500) == 1.0
+
+
+def test_mcnemar_matches_scipy_binomtest():
+    stats = pytest.importorskip("scipy.stats")
+    for b, c in [(1, 6), (15, 30), (210, 250), (2000, 2100)]:
+        assert mcnemar_exact(b, c) == pytest.approx(stats.binomtest(b, b + c, 0.5).pvalue, rel=1e-9)
+
+
+def test_accuracy_difference_by_hand():
+    # 10 examples: both right on 5, only A right on 3 (b), only B right on 1 (c), both wrong on 1
+    a = [1] * 5 + [1] * 3 + [0] * 1 + [0]
+    b = [1] * 5 + [0] * 3 + [1] * 1 + [0]
+    r = accuracy_difference_interval([bool(x) for x in a], np.array(b, dtype=bool))
+    assert (r["b"], r["c"], r["n"]) == (3, 1, 10)
+    assert r["acc_a"] == 0.8 and r["acc_b"] == 0.6
+    assert r["diff"] == pytest.approx(0.2)
+    half = 1.959964 * math.sqrt((4 - 4 / 10) / 100)  # ((b + c) - (b - c)^2 / n) / n^2
+    assert (r["ci_low"], r["ci_high"]) == pytest.approx((0.2 - half, 0.2 + half), abs=1e-6)
+    assert r["mcnemar_p"] == pytest.approx(_binomial_two_sided(3, 1))
+    assert accuracy_difference_interval(a, b) == r  # 0/1 integers are accepted too
+
+
+def test_accuracy_difference_identical_and_clipped():
+    same = accuracy_difference_interval([True, False, True], [True, False, True])
+    assert same["diff"] == same["ci_low"] == same["ci_high"] == 0.0 and same["mcnemar_p"] == 1.0
+    opposite = accuracy_difference_interval([True] * 3, [False] * 3)
+    assert opposite["diff"] == 1.0 and opposite["ci_high"] == 1.0
+    assert opposite["ci_low"] == 1.0  # all pairs discordant one way: zero paired variance
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: mcnemar_exact(-1, 3), "non-negative"),
+    (lambda: mcnemar_exact(1.5, 3), "integer"),
+    (lambda: accuracy_difference_interval([True, False], [True]), "same examples"),
+    (lambda: accuracy_difference_interval([], []), "at least one"),
+    (lambda: accuracy_difference_interval([0, 2], [1, 1]), "booleans"),
+    (lambda: accuracy_difference_interval([[True]], [[True]]), "1-D"),
+    (lambda: accuracy_difference_interval([True], [True], confidence=-0.5), "confidence"),
+])
+def test_paired_bad_inputs(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
