@@ -25,6 +25,7 @@ COMMANDS = {
     "export": "checkpoint -> Hugging Face model folder",
     "pipeline": "the whole pipeline on this machine",
     "report": "plots and a Markdown summary of a run",
+    "summarize": "mean, std and 95% intervals over a sweep's runs (seeds x settings)",
     "predict": "classify texts with an exported model",
     "demo": "Gradio demo of an exported model",
 }

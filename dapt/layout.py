@@ -14,8 +14,14 @@
     <eval dir>/                      EvalLayout
         eval_results.json            one test set; several: eval_results-<name>.json + eval_table.md
         predictions.jsonl            per-example predictions (--save_predictions)
+    <sweep dir>/                     SweepLayout (launch/pipeline.py --seeds/--learning_rates, slurm/sweep.sh)
+        data/ mlm/                   as a pipeline's: the demo's reviews, the MLM stage shared by all runs
+        mlm-seed<S>/                 one MLM stage per seed instead (--mlm_per_seed)
+        runs/lr<LR>-seed<S>/         RunLayout per (fine-tune learning rate, seed): finetune/, eval/
+        sweep_results.json sweep.md sweep.png   `dapt summarize <sweep dir>` (dapt/observe/sweep.py)
 
-`python -m dapt.layout DIR` prints the pipeline paths as shell assignments (for scripts).
+`python -m dapt.layout DIR` prints the pipeline paths as shell assignments (for scripts);
+`python -m dapt.layout DIR LR SEED` those of one sweep run.
 """
 from __future__ import annotations
 
@@ -130,14 +136,64 @@ class RunLayout:
         return {"mlm": self.mlm, "finetune": self.finetune}[name]
 
 
+def run_name(learning_rate: float, seed: int) -> str:
+    """`lr<LR>-seed<S>`, the LR as C's printf %g writes it (2e-05, 0.0001), so that slurm/sweep.sh
+    (`LC_ALL=C printf 'lr%g-seed%d'`) names a run exactly as launch/pipeline.py does."""
+    return f"lr{learning_rate:g}-seed{seed}"
+
+
+@dataclass(frozen=True)
+class SweepLayout:
+    """A sweep's directory: shared (or per-seed) MLM, one RunLayout per (learning rate, seed), the summary."""
+
+    root: Path
+
+    RUNS = "runs"
+    RESULTS = "sweep_results.json"
+    MARKDOWN = "sweep.md"
+    PLOT = "sweep.png"
+
+    @property
+    def data(self) -> Path:
+        return RunLayout(self.root).data
+
+    def mlm(self, seed: int | None = None) -> StageLayout:
+        """The MLM stage the runs start from: shared (seed None), or seed S's own (--mlm_per_seed)."""
+        return RunLayout(self.root).mlm if seed is None else StageLayout(self.root / f"mlm-seed{seed}")
+
+    def run(self, learning_rate: float, seed: int) -> RunLayout:
+        return RunLayout(self.root / self.RUNS / run_name(learning_rate, seed))
+
+    # The summary files; `dapt summarize DIR --output_dir OUT` writes them to SweepLayout(OUT).
+    @property
+    def results(self) -> Path:
+        return self.root / self.RESULTS
+
+    @property
+    def markdown(self) -> Path:
+        return self.root / self.MARKDOWN
+
+    @property
+    def plot(self) -> Path:
+        return self.root / self.PLOT
+
+
 def shell_assignments(root: Path) -> str:
     run = RunLayout(root)
     return "\n".join([f"mlm={run.mlm.root}", f"finetune={run.finetune.root}", f"eval={run.eval.root}",
                       f"report={run.report}"])
 
 
+def sweep_run_assignments(root: Path, learning_rate: float, seed: int) -> str:
+    run = SweepLayout(root).run(learning_rate, seed)
+    return "\n".join([f"run={run.root}", f"finetune={run.finetune.root}", f"eval={run.eval.root}"])
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        print("usage: python -m dapt.layout PIPELINE_DIR", file=sys.stderr)
+    if len(sys.argv) == 2:
+        print(shell_assignments(Path(sys.argv[1])))
+    elif len(sys.argv) == 4:
+        print(sweep_run_assignments(Path(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])))
+    else:
+        print("usage: python -m dapt.layout PIPELINE_DIR | python -m dapt.layout SWEEP_DIR LR SEED", file=sys.stderr)
         sys.exit(2)
-    print(shell_assignments(Path(sys.argv[1])))

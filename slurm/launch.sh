@@ -5,7 +5,8 @@
 #   dapt_env     the environment: DAPT_ENV_SETUP, the virtualenv, DAPT_PYTHON (inside a job or not)
 #   dapt_init / dapt_launch   inside a job: checks, thread/NCCL defaults, one srun task per GPU (or CPU
 #                slot) running "$DAPT_PYTHON" directly, stop signals forwarded to the tasks, and a
-#                requeue when training exits 75 ("checkpoint saved, requeue me")
+#                requeue when training exits 75 ("checkpoint saved, requeue me"); dapt_run + dapt_finish
+#                are its two halves, for a job that runs several stages in a row (slurm/sweep.sh)
 # Ranks, MASTER_ADDR and MASTER_PORT are NOT computed here: every task derives them from its SLURM_*
 # variables in dapt/distributed.py (the same code serves a bare `srun python launch/...`), and rank 0
 # logs them ("dapt: launcher srun: N ranks ..., master ADDR:PORT").
@@ -99,7 +100,9 @@ dapt_init() {
 }
 
 _DAPT_PID=
+_DAPT_STOPPED=  # SIGUSR1/SIGTERM once a stop signal reached the batch shell during dapt_run
 _dapt_forward() {  # a stop signal reached the batch shell: the tasks checkpoint and exit 75
+    _DAPT_STOPPED=SIG$1
     if [[ -n $_DAPT_PID ]] && kill -0 "$_DAPT_PID" 2>/dev/null; then
         dapt_log "got SIG$1: forwarding SIGUSR1 to the tasks (they save a checkpoint and exit $EXIT_REQUEUE)"
         kill -USR1 "$_DAPT_PID" 2>/dev/null || true  # srun passes it on to every task on every node
@@ -107,8 +110,16 @@ _dapt_forward() {  # a stop signal reached the batch shell: the tasks checkpoint
 }
 
 # dapt_launch SCRIPT [ARGS...]: run `python SCRIPT ARGS` as one srun task per GPU/slot and handle preemption
+# (requeue on exit 75); ends the job with the tasks' exit code
 dapt_launch() {
-    local cmd rc
+    dapt_run "$@"
+    dapt_finish "$DAPT_RC"
+}
+
+# dapt_run SCRIPT [ARGS...]: the same srun, stop signals forwarded, but it returns, with the tasks' exit
+# code in DAPT_RC (not as its status: under `set -e` a failed stage must not end the script unseen)
+dapt_run() {
+    local cmd
     # Not --kill-on-bad-exit: when the ranks exit 75 together, one still shutting down would get SIGTERM
     # (Python restores the default handler at exit) and the job would end 143 instead of "requeue me".
     # --wait bounds instead how long the others may run on once a rank has ended (crash or end).
@@ -127,10 +138,15 @@ dapt_launch() {
     _DAPT_PID=$!
     set +e
     while kill -0 "$_DAPT_PID" 2>/dev/null; do wait "$_DAPT_PID"; done  # a trapped signal interrupts wait
-    wait "$_DAPT_PID"; rc=$?
+    wait "$_DAPT_PID"; DAPT_RC=$?
     set -e
     _DAPT_PID=
     trap - USR1 TERM
+}
+
+# dapt_finish RC: end the job as dapt_launch does: 75 -> `scontrol requeue` (or exit 75 with DAPT_REQUEUE=0)
+dapt_finish() {
+    local rc=$1
     if [[ $rc == "$EXIT_REQUEUE" ]]; then
         if [[ $DAPT_REQUEUE == 1 ]]; then
             dapt_log "exit $rc: checkpoint saved; requeueing job $SLURM_JOB_ID (the next run resumes from it)"

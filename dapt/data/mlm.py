@@ -1,4 +1,5 @@
-"""MLM data: tokenise without truncation, pack into full blocks, and mask (BERT's 80/10/10, seeded per batch)."""
+"""MLM data: tokenise without truncation, pack into full blocks, and mask (BERT's 80/10/10, seeded per batch;
+per WordPiece token, or per whole word with `whole_word_mask`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -59,18 +60,68 @@ def mask_tokens(input_ids: torch.Tensor, special_ids: Sequence[int], mask_id: in
                 probability: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """BERT masking: choose `probability` of the non-special positions; of those 80% -> [MASK],
     10% -> a random token, 10% unchanged. Returns (inputs, labels with -100 where not chosen)."""
-    inputs = input_ids.clone()
-    labels = input_ids.clone()
-    special = torch.isin(inputs, torch.tensor(list(special_ids), dtype=inputs.dtype))
-    probs = torch.full(inputs.shape, probability)
+    special = torch.isin(input_ids, torch.tensor(list(special_ids), dtype=input_ids.dtype))
+    probs = torch.full(input_ids.shape, probability)
     probs[special] = 0.0
     chosen = torch.bernoulli(probs, generator=generator).bool()
-    for row in range(inputs.shape[0]):  # every row keeps at least one target, so no loss is 0/0
+    for row in range(input_ids.shape[0]):  # every row keeps at least one target, so no loss is 0/0
         if not chosen[row].any():
             candidates = (~special[row]).nonzero().flatten()
             if len(candidates):
                 pick = candidates[torch.randint(len(candidates), (1,), generator=generator)]
                 chosen[row, pick] = True
+    return replace_chosen(input_ids, chosen, mask_id, vocab_size, generator)
+
+
+def word_continuations(tokenizer: Any) -> torch.Tensor:
+    """continuation[id]: True for WordPiece's `##` pieces (a word = a token plus the `##` pieces after
+    it). Built once from the vocabulary for whole-word masking; a vocabulary without them (BPE,
+    SentencePiece) cannot say where words start, so it is refused."""
+    pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    continuation = torch.tensor([isinstance(p, str) and p.startswith("##") for p in pieces], dtype=torch.bool)
+    if not continuation.any():
+        raise DaptError(f"whole_word_mask needs a WordPiece vocabulary ('##' continuation pieces); "
+                        f"{getattr(tokenizer, 'name_or_path', 'this tokenizer')} has none")
+    return continuation
+
+
+def mask_words(input_ids: torch.Tensor, special_ids: Sequence[int], continuation: torch.Tensor, mask_id: int,
+               vocab_size: int, probability: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whole-word masking: choose `probability` of the words (not of the pieces), then every piece of a
+    chosen word is a target. The 80/10/10 replacement is then decided per piece, as BERT's own
+    whole-word masking does (create_pretraining_data.py), so a chosen word may be partly [MASK] and
+    partly kept or random, but its pieces are always all targets. A `##` piece with no word start
+    before it in the row (the block began mid-word, or after a special token) starts a word of its own.
+    Same generator discipline as mask_tokens: one draw of the input's shape, then the replacements."""
+    special = torch.isin(input_ids, torch.tensor(list(special_ids), dtype=input_ids.dtype))
+    cont = continuation.to(input_ids.device)[input_ids.clamp(0, len(continuation) - 1)] & ~special
+    after_special = torch.ones_like(special)
+    after_special[:, 1:] = special[:, :-1]
+    start = ~special & (~cont | after_special)  # the first piece of each word
+    word = start.long().cumsum(dim=1)  # word number (1, 2, ...) of each piece in its row; 0: before any word
+    probs = torch.full(input_ids.shape, probability)
+    probs[~start] = 0.0
+    chosen_start = torch.bernoulli(probs, generator=generator).bool()  # one draw per word, at its first piece
+    for row in range(input_ids.shape[0]):  # every row keeps at least one target, so no loss is 0/0
+        if not chosen_start[row].any():
+            candidates = start[row].nonzero().flatten()
+            if len(candidates):
+                pick = candidates[torch.randint(len(candidates), (1,), generator=generator)]
+                chosen_start[row, pick] = True
+    # spread each word's choice to all its pieces: chosen_word[row, w] for word number w
+    chosen_word = torch.zeros(input_ids.shape[0], input_ids.shape[1] + 1, dtype=torch.bool)
+    chosen_word.scatter_(1, word * chosen_start, chosen_start)  # unchosen starts write False into slot 0
+    chosen_word[:, 0] = False
+    chosen = chosen_word.gather(1, word) & ~special
+    return replace_chosen(input_ids, chosen, mask_id, vocab_size, generator)
+
+
+def replace_chosen(input_ids: torch.Tensor, chosen: torch.Tensor, mask_id: int, vocab_size: int,
+                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT's 80/10/10 on the chosen positions, each decided per position. Returns (inputs, labels
+    with -100 where not chosen)."""
+    inputs = input_ids.clone()
+    labels = input_ids.clone()
     labels[~chosen] = -100
     to_mask = torch.bernoulli(torch.full(inputs.shape, 0.8), generator=generator).bool() & chosen
     inputs[to_mask] = mask_id
@@ -90,6 +141,8 @@ class MLMCollator:
     epoch: int  # -1 for evaluation: the same masks at every evaluation
 
     pad_id: int = 0
+    # Whole-word masking: continuation[id] from word_continuations(tokenizer); None = per-piece masking.
+    continuation: torch.Tensor | None = None
 
     def __call__(self, rows: dict[str, Any]) -> dict[str, torch.Tensor]:
         seqs = rows["input_ids"]
@@ -98,7 +151,11 @@ class MLMCollator:
         for i, x in enumerate(seqs):
             ids[i, :len(x)] = torch.tensor(x, dtype=torch.long)
         gen = torch.Generator().manual_seed(batch_seed(self.seed, self.epoch + 1, rows["_index"][0]))
-        inputs, labels = mask_tokens(ids, self.special_ids, self.mask_id, self.vocab_size, self.probability, gen)
+        if self.continuation is None:
+            inputs, labels = mask_tokens(ids, self.special_ids, self.mask_id, self.vocab_size, self.probability, gen)
+        else:
+            inputs, labels = mask_words(ids, self.special_ids, self.continuation, self.mask_id, self.vocab_size,
+                                        self.probability, gen)
         if all(len(x) == width for x in seqs):
             # Packed blocks: no padding, so no attention mask (SDPA may then use flash kernels).
             return {"input_ids": inputs, "labels": labels}

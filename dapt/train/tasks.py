@@ -14,7 +14,7 @@ import torch
 from dapt.config import FinetuneConfig, MLMConfig, TrainConfig
 from dapt.data.batching import IndexedRows, sharded_batches, to_device
 from dapt.data.classify import PadCollator, classification_splits
-from dapt.data.mlm import MLMCollator, mlm_splits
+from dapt.data.mlm import MLMCollator, mlm_splits, word_continuations
 from dapt.distributed import DistInfo, all_reduce_sum
 from dapt.eval.scoring import score_classifier
 from dapt.model.loading import load_classifier, load_mlm_model
@@ -66,6 +66,8 @@ class MLMTask:
         self.n_train = len(self.train_blocks)
         self.lengths = None  # packed blocks are all full: nothing to bucket
         self.global_loss_norm = self.cfg.global_loss_norm
+        # whole-word masking: which vocabulary ids are `##` pieces, read from the vocabulary once per run
+        self.continuation = word_continuations(self.tokenizer) if self.cfg.whole_word_mask else None
 
     def n_targets(self, batch: Batch) -> int:
         return int((batch["labels"] != -100).sum())  # on the host, before the batch moves
@@ -78,7 +80,8 @@ class MLMTask:
         tok = self.tokenizer
         return MLMCollator(special_ids=tuple(tok.all_special_ids), mask_id=tok.mask_token_id,
                            vocab_size=len(tok), probability=self.cfg.mlm_probability, seed=self.cfg.seed,
-                           epoch=epoch, pad_id=tok.pad_token_id)
+                           epoch=epoch, pad_id=tok.pad_token_id,
+                           continuation=self.continuation)
 
     @torch.no_grad()
     def evaluate(self, engine: Any, info: DistInfo) -> dict[str, float]:
