@@ -120,6 +120,10 @@ class MLMConfig(TrainConfig):
     # Loss = sum over masked tokens / all-reduced count of masked tokens in the optimizer step (all
     # ranks, all micro-batches); off: each micro-batch's own mean.
     global_loss_norm: bool = True
+    # Whole-word masking: mlm_probability of the words are chosen and all their WordPiece pieces (a token
+    # plus the `##` pieces after it) become targets together, so a word is never predicted from its own
+    # visible pieces (BERT's WWM models); off: each piece is chosen on its own, as the reference recipe.
+    whole_word_mask: bool = False
 
 
 @dataclass

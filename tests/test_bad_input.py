@@ -1,10 +1,17 @@
-"""Bad input through the real entry points: one clear line, exit code 2, and an existing good output
-left exactly as it was (even with --overwrite_output_dir, nothing is touched before validation)."""
+"""Bad input: one clear line, exit code 2, and an existing good output left exactly as it was (even with
+--overwrite_output_dir, nothing is touched before validation).
+
+Every case runs the real command (dapt.commands.finetune.main, the function launch/finetune.py calls) in
+this process; two of them also run through the real entry point as a subprocess, for the process-level
+contract (exit status, no traceback, one line on stderr)."""
 import hashlib
 import json
+import os
 
 import pytest
 from conftest import assert_ok, run_cli
+
+from dapt.commands import finetune
 
 
 def _jsonl(path, rows):
@@ -47,8 +54,7 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_finetune_rejects_bad_input(case, tmp_path, good_output, tiny_model, base_env):
+def _case_args(case, tmp_path, good_output, tiny_model):
     row, extra, message = CASES[case]
     rows = [{"text": "a fine film", "label": 0}] * 20 + [row] + [{"text": "a bad film", "label": 1}] * 20
     if case.startswith("missing"):  # a column absent from the whole file
@@ -63,10 +69,39 @@ def test_finetune_rejects_bad_input(case, tmp_path, good_output, tiny_model, bas
         ds = tmp_path / "ds.json"
         ds.write_text('{"zero_optimization": {"stage": 2}, "train_batch_size": 32}')
         extra = []
-    before = _snapshot(good_output)
     args = ["--model_name_or_path", tiny_model, "--data_files", data, "--output_dir", good_output,
             "--overwrite_output_dir", "--ds_config", ds, "--max_seq_length", "32", "--effective_batch_size", "16",
             "--micro_batch_size", "4", "--num_epochs", "1", "--head_tokens", "8", *extra]
+    return [str(a) for a in args], message
+
+
+@pytest.fixture
+def in_process_env(monkeypatch):
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    yield
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(key, None)  # set by a world-of-one start-up inside the command
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_finetune_rejects_bad_input(case, tmp_path, good_output, tiny_model, in_process_env, capsys):
+    args, message = _case_args(case, tmp_path, good_output, tiny_model)
+    before = _snapshot(good_output)
+    with pytest.raises(SystemExit) as exit_:
+        finetune.main(args)
+    assert exit_.value.code == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("dapt: error:")]
+    assert len(lines) == 1 and message in lines[0]
+    assert _snapshot(good_output) == before
+
+
+@pytest.mark.parametrize("case", ["unknown ds key", "empty text"])  # before and after the process group starts
+def test_the_entry_point_exits_2_with_one_line(case, tmp_path, good_output, tiny_model, base_env):
+    args, message = _case_args(case, tmp_path, good_output, tiny_model)
+    before = _snapshot(good_output)
     line = _error_line(run_cli("finetune.py", args, base_env))
     assert message in line
     assert _snapshot(good_output) == before

@@ -144,7 +144,8 @@ def test_load_table_validation_errors(tmp_path):
         load_table(cfg, 0)
     cfg.data_files = [_jsonl(tmp_path / "d.jsonl", [{"text": "good", "label": 0}, {"text": "bad", "label": 1}])]
     ds = load_table(cfg, 0, label_column="label")
-    assert ds.column_names == ["text", "label"] and collections.Counter(ds["label"]) == {0: 1, 1: 1}
+    assert ds.column_names == ["text", "row", "label"] and collections.Counter(ds["label"]) == {0: 1, 1: 1}
+    assert ds["row"] == [0, 1]  # each example's position in the input (per-example predictions)
 
 
 def test_length_bucketing_keeps_batches_random_and_world_size_independent():

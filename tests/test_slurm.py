@@ -292,6 +292,13 @@ def test_pipeline_three_dependent_jobs(cluster, tmp_path, tiny_model, demo_files
     assert f"--model_name_or_path {out / 'finetune'}" in log_of(jobs["eval"])
     for stage in ("mlm", "finetune"):
         assert rendezvous_lines(log_of(jobs[stage])) == [f"dapt: launcher srun: 2 ranks (gloo), master 127.0.0.1:{port}"]
+    # the Slurm pipeline's directory is the same run layout as launch/pipeline.py's: dapt report reads it
+    report = subprocess.run([sys.executable, "-m", "dapt", "report", str(out)], cwd=ROOT, env=base_env,
+                            capture_output=True, text=True, timeout=300)
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert (out / "report" / "confusion_matrix.png").is_file()
+    md = (out / "report" / "report.md").read_text()
+    assert f"| accuracy | {results['accuracy']:.4f} [" in md and "## mlm" in md and "## finetune" in md
     print(f"pipeline: jobs {jobs}, {results['n_examples']} examples evaluated, {time.time() - start:.0f}s")
 
 
@@ -393,3 +400,108 @@ def test_two_nodes_four_ranks_and_hostfile(cluster, tmp_path, tiny_model, demo_f
     assert world_size(out) == 4
     assert sorted(steps_and_losses(out)) == list(range(1, 10))  # the effective batch is fixed: 9 steps
     print(f"2 nodes x 2 tasks: 4 ranks, {time.time() - start:.0f}s")
+
+
+@pytest.mark.slurm
+@pytest.mark.resume
+def test_resume_on_more_and_fewer_nodes(cluster, tmp_path, tiny_model, demo_files, base_env):
+    """The world size changes with the node count between two jobs: a ZeRO-3 run stopped on 1 node x 2 tasks
+    resumes on 2 nodes x 2 tasks, a ZeRO-2 run stopped on 2 x 2 resumes on 1 x 2. The checkpoint is converted
+    to the universal format once and re-partitioned; the data position and the loss curve continue."""
+    cluster.ensure(2)
+    start = time.time()
+    stop = 5  # mid-epoch: DAPT_FAULT makes rank 0 signal itself during step 5; the job saves it and exits 75
+    report = []
+    for ds, before, after in (("ds_configs/zero3_auto.json", 1, 2), ("ds_configs/zero2_auto.json", 2, 1)):
+        out = tmp_path / f"{Path(ds).stem}_{before}to{after}"
+        args = stage_args("mlm", out, demo_files, 1)
+        env = tiny_env(base_env, tiny_model, DAPT_DS_CONFIG=ds, DAPT_REQUEUE=0)
+        first = sbatch([*CPU_MODE, f"--nodes={before}", "--ntasks-per-node=2", SLURM / "mlm.sh", *args], tmp_path,
+                       {**env, "DAPT_FAULT": f"signal=train:0:{stop - 1}"})
+        info = wait_job(first, 300)
+        assert info["ExitCode"] == "75:0", f"{info['JobState']} {info['ExitCode']}\n{log_of(first)[-4000:]}"
+        assert world_size(out) == 2 * before and (out / "checkpoints" / "latest").read_text().strip() == f"step{stop:07d}"
+        log = assert_completed(sbatch([*CPU_MODE, f"--nodes={after}", "--ntasks-per-node=2", SLURM / "mlm.sh", *args],
+                                      tmp_path, env), timeout=300)
+        assert re.search(rf"resumed from \S*step{stop:07d} at step {stop}\b", log), log[-3000:]
+        for job_log, n in ((log_of(first), before), (log, after)):
+            assert [ln.rsplit(":", 1)[0] for ln in rendezvous_lines(job_log)] == \
+                   [f"dapt: launcher srun: {2 * n} ranks (gloo), master 127.0.0.1"], rendezvous_lines(job_log)
+        run_cfg = json.loads((out / "run_config.json").read_text())
+        assert run_cfg["world_size"] == 2 * after
+        assert run_cfg["deepspeed"]["gradient_accumulation_steps"] == 16 // (4 * 2 * after)
+        universal = out / "checkpoints" / f"step{stop:07d}.universal" / "zero" / "bert.embeddings.word_embeddings.weight"
+        assert (universal / "exp_avg.pt").is_file() and (universal / "exp_avg_sq.pt").is_file()
+        losses = steps_and_losses(out)
+        assert sorted(losses) == list(range(1, 10))  # 9 steps whatever the world size: the effective batch is fixed
+        pre = [losses[s] for s in range(2, stop + 1)]
+        spread = max(pre) - min(pre)
+        assert abs(losses[stop + 1] - sum(pre) / len(pre)) <= max(0.5, 2 * spread), (pre, losses[stop + 1])
+        report.append(f"{Path(ds).stem} {before}x2 -> {after}x2: losses to step {stop} "
+                      f"{[round(x, 3) for x in pre]}, then {losses[stop + 1]:.3f}")
+    print(f"node count changes: {'; '.join(report)}; {time.time() - start:.0f}s")
+
+
+# --- a sweep: one job array + a summary job (one node; after the two-node test it brings the one-node
+# cluster back) ----------------------------------------------------------------------------------------
+
+@pytest.mark.slurm
+def test_sweep_job_array_and_summary(cluster, tmp_path, tiny_model, demo_files, base_env):
+    """`slurm/sweep.sh`: ONE array job over seeds x learning rates (here 2 x 1, both tasks at once, 1 rank
+    each, fine-tuning the tiny model directly: no MLM stage), then `dapt summarize` after them (afterok);
+    the summary agrees with the per-run files."""
+    from dapt.layout import SweepLayout
+
+    cluster.ensure(1)
+    start = time.time()
+    out = tmp_path / "sweep"
+    common = ("--max_seq_length 64 --validation_split 0.1 --effective_batch_size 16 --micro_batch_size 8 "
+              "--save_steps 0 --max_samples 64")
+    env = tiny_env(base_env, tiny_model, DAPT_OUTPUT_DIR=out, DAPT_GPUS_PER_NODE=0, DAPT_SEEDS="1 2",
+                   DAPT_LEARNING_RATES="1e-3", DAPT_SWEEP_CONCURRENCY=2,
+                   DAPT_FINETUNE_ARGS=f"--data_files {demo_files['train']} --num_epochs 1 --warmup 0.1 --head_tokens 16 "
+                                      f"{common}",
+                   DAPT_EVAL_ARGS=f"--data_files {demo_files['test']}")
+    proc = subprocess.run([str(SLURM / "sweep.sh"), "--ntasks-per-node=1", "--cpus-per-task=1"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    ids = {k: int(v) for k, v in (kv.split("=") for kv in proc.stdout.split())}
+    assert list(ids) == ["array", "summarize"]
+    array = ids["array"]
+
+    def tasks() -> list[dict[str, str]]:
+        lines = subprocess.run(["scontrol", "show", "job", "-o", str(array)], capture_output=True, text=True,
+                               timeout=30).stdout.splitlines()
+        return [dict(w.split("=", 1) for w in line.split() if "=" in w) for line in lines if line.strip()]
+
+    deadline = time.time() + 400
+    while not (len(now := tasks()) == 2 and all(t.get("JobState") in TERMINAL for t in now)):
+        assert time.time() < deadline, now
+        time.sleep(1)
+    logs = {t["ArrayTaskId"]: Path(t["StdOut"]) for t in now}
+    assert sorted(logs) == ["0", "1"] and logs["0"].name == f"dapt-sweep-{array}_0.out"  # %x-%A_%a
+    for t in now:
+        assert (t["JobState"], t["ExitCode"]) == ("COMPLETED", "0:0"), logs[t["ArrayTaskId"]].read_text()[-4000:]
+    log = assert_completed(ids["summarize"], timeout=180)
+    assert job_info(ids["summarize"])["StartTime"] >= max(t["EndTime"] for t in now)  # afterok: after all tasks
+    sweep = SweepLayout(out)
+    assert f"  {sweep.results}" in log and f"  {sweep.markdown}" in log
+
+    accuracies = []
+    for task, seed in (("0", 1), ("1", 2)):
+        run = sweep.run(1e-3, seed)
+        assert f"sweep task {task} of array {array}: learning rate 1e-3, seed {seed} -> {run.root}" in logs[task].read_text()
+        cfg = json.loads(run.finetune.run_config.read_text())
+        assert (cfg["config"]["seed"], cfg["config"]["learning_rate"], cfg["world_size"]) == (seed, 1e-3, 1)
+        results = json.loads(run.eval.results.read_text())
+        assert results["n_examples"] == 37
+        accuracies.append(results["accuracy"])
+    summary = json.loads(sweep.results.read_text())
+    assert [(r["seed"], r["accuracy"]) for r in summary["runs"]] == [(1, accuracies[0]), (2, accuracies[1])]
+    (setting,) = summary["settings"]
+    assert setting["setting"] == {"learning_rate": 1e-3} and setting["n"] == 2
+    assert setting["accuracy"]["mean"] == pytest.approx((accuracies[0] + accuracies[1]) / 2, abs=1e-12)
+    assert setting["accuracy"]["std"] == pytest.approx(abs(accuracies[0] - accuracies[1]) / 2 ** 0.5, abs=1e-12)
+    assert sweep.markdown.is_file() and sweep.plot.is_file()
+    print(f"sweep: array {array} (2 tasks) + summary {ids['summarize']}, accuracies {accuracies}, "
+          f"{time.time() - start:.0f}s")

@@ -10,12 +10,12 @@ import contextlib
 import json
 import logging
 import sys
-from pathlib import Path
 from typing import Any, Sequence, TextIO
 
 from dapt.commands import command
 from dapt.config import OneLineParser
 from dapt.errors import DaptError
+from dapt.io import atomic_write_text
 from dapt.serve import predict
 
 
@@ -58,7 +58,7 @@ def main(argv: Sequence[str] | None = None, stdin: TextIO | None = None) -> list
     text = (predict.format_table(preds) + "\n" if args.format == "table"
             else "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in preds))
     if args.output:
-        Path(args.output).write_text(text, encoding="utf-8")
+        atomic_write_text(args.output, text)
     else:
         sys.stdout.write(text)
         sys.stdout.flush()

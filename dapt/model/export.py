@@ -8,7 +8,6 @@ half-overwritten.
 """
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 import torch
 
 from dapt.errors import DaptError
+from dapt.io import dump_json, read_json
 from dapt.model.card import collect, write_card
 from dapt.model.loading import quiet_transformers
 
@@ -29,7 +29,7 @@ def save_hf_meta(tag_dir: Path, model_config: Any, tokenizer: Any, arch: str, da
     meta.mkdir(parents=True, exist_ok=True)
     model_config.save_pretrained(meta)
     tokenizer.save_pretrained(meta)
-    (meta / "dapt.json").write_text(json.dumps({"arch": arch, "dapt": dapt}, indent=2) + "\n")
+    dump_json({"arch": arch, "dapt": dapt}, meta / "dapt.json")
 
 
 def locate_checkpoint(path: str) -> Path:
@@ -81,7 +81,7 @@ def load_exportable(tag_dir: Path) -> tuple[torch.nn.Module, Any, dict[str, Any]
     meta_dir = tag_dir / META_DIR
     if not (meta_dir / "dapt.json").is_file():
         raise DaptError(f"{tag_dir} has no {META_DIR}/dapt.json (not written by dapt?)")
-    meta = json.loads((meta_dir / "dapt.json").read_text())
+    meta = read_json(meta_dir / "dapt.json")
     config = AutoConfig.from_pretrained(meta_dir)
     config.dapt = meta.get("dapt", {})
     tokenizer = AutoTokenizer.from_pretrained(meta_dir)

@@ -7,13 +7,13 @@ tokens or the model's position limit if smaller.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from dapt.config import EvalConfig, validate
 from dapt.errors import DaptError
+from dapt.io import read_json
 
 DEFAULT_MAX_SEQ_LENGTH = 512
 DEFAULT_TRUNCATION = "head+tail"
@@ -28,13 +28,7 @@ class InputSettings:
 
 
 def _config(model_dir: str | Path) -> dict[str, Any]:
-    path = Path(model_dir) / "config.json"
-    if not path.is_file():
-        return {}  # a hub id: nothing stored locally
-    try:
-        return json.loads(path.read_text())
-    except ValueError:
-        raise DaptError(f"{path} is not valid JSON") from None
+    return read_json(Path(model_dir) / "config.json", {})  # {} for a hub id: nothing stored locally
 
 
 def position_limit(model_dir: str | Path) -> int | None:

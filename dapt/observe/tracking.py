@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from dapt.errors import DaptError, first_line
+from dapt.io import atomic_write_text
 from dapt.layout import StageLayout
 
 WANDB_MODES = ("auto", "online", "offline", "disabled")
@@ -163,7 +164,7 @@ def start_wandb(mode: str, *, project: str, group: str | None, name: str, job_ty
         run.define_metric("step")
         run.define_metric("*", step_metric="step")
         if keep_id:
-            id_file.write_text(run.id + "\n")
+            atomic_write_text(id_file, run.id + "\n")
         return WandbRun(run)
     except Exception as exc:  # noqa: BLE001 - W&B must never kill training
         _warn(f"W&B ({mode}) could not start ({type(exc).__name__}: {first_line(exc)}); training goes on without it")

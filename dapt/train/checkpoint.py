@@ -190,7 +190,7 @@ def validate(tag_dir: Path) -> TrainPosition:
     if not state_path.is_file():
         raise DaptError(f"checkpoint {tag_dir} is incomplete: {state_path} is missing (interrupted save?)")
     try:
-        state = json.loads(state_path.read_text())
+        state = read_json(state_path)
         position = TrainPosition(**state["position"])
     except (ValueError, KeyError, TypeError) as exc:
         raise DaptError(f"checkpoint state file {state_path} is unreadable: {exc}") from None

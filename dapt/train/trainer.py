@@ -25,7 +25,7 @@ import torch
 from dapt.config import TrainConfig, to_dict, warmup_steps
 from dapt.data.batching import make_loader, steps_per_epoch, to_device, train_batches
 from dapt.distributed import DistInfo, all_reduce_max, all_reduce_sum, barrier, setup_distributed, shutdown
-from dapt.errors import DaptError, StopRequested
+from dapt.errors import DaptError, StopRequested, TrainingFailed
 from dapt.io import dump_json, read_json
 from dapt.layout import StageLayout
 from dapt.model.export import export_checkpoint, logits_of, save_hf_meta
@@ -311,7 +311,7 @@ class Trainer:
                 engine.backward(batch_sum / norm)
             else:
                 engine.backward(out.loss)
-            engine.step()
+            self.optimizer_step_or_fail()
             if norm is not None:
                 w.loss_sum += batch_sum.detach().float()
                 w.loss_count += counts[i]
@@ -319,6 +319,24 @@ class Trainer:
                 w.loss_sum += out.loss.detach().float()
                 w.loss_count += 1
             ckpt.inject("train", info.rank, self.position.step)  # tests: a signal or crash mid-accumulation
+
+    def optimizer_step_or_fail(self) -> None:
+        """engine.step(), with DeepSpeed's bare exception at the FP16 loss-scale floor turned into one line
+        (users hit it as a traceback: DeepSpeedExamples#418, DeepSpeed#697). Nothing is saved: the last
+        good checkpoint stays what `latest` names, and the job exits 3, not 75 (a requeue would fail again)."""
+        try:
+            self.engine.step()
+        except Exception as exc:  # DeepSpeed raises a plain Exception here
+            if "loss scale already at minimum" not in str(exc):
+                raise
+            latest = self.layout.checkpoints / ckpt.LATEST
+            last_good = latest.read_text().strip() if latest.is_file() else "none"
+            raise TrainingFailed(
+                f"FP16 loss scale at its minimum ({float(self.engine.optimizer.cur_scale):g}) and the gradients still "
+                f"overflow, at optimizer step {self.position.step + 1}: train in BF16 (e.g. ds_configs/zero2_bf16.json) "
+                f"or with a lower learning_rate (now {self.cfg.learning_rate:g}), or resume from an earlier "
+                f"checkpoint (--resume {self.layout.checkpoints}/<tag>); last good checkpoint: {last_good}, "
+                "nothing saved over it") from None
 
     def log_window(self, progress: float) -> None:
         """One record of the steps since the last one: loss, lr, throughput, grad norm, loss scale."""

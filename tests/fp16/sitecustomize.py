@@ -14,32 +14,75 @@ Nothing heavy is imported eagerly (no torch, no deepspeed, which take ~3 s to im
 then replaces `CPU_Accelerator.is_fp16_supported` on the class (so instances made before or after
 see it). Set DAPT_TEST_FP16_PATCH=0 to switch it off. Any other `sitecustomize` later on sys.path
 (which this file shadows) is still run. Product code is not changed.
+
+Forced overflows (also test-only, off unless set): DAPT_TEST_FP16_INF_GRAD=STEPS[@RANK] makes
+`DeepSpeedEngine.backward` multiply the loss by inf during the listed optimizer steps, numbered as in
+metrics.jsonl (1-based: the step that `engine.global_steps` + 1 is about to complete), on rank RANK
+only (default: every rank). STEPS is a comma-separated list of `N`, `N-M` or `N-` (N and everything
+after), e.g. `5-7@1` or `4-`. The gradients then hold inf/nan, DeepSpeed's overflow check (all-reduced
+over the ranks) skips the step on every rank and lowers the loss scale, exactly as for a real overflow.
+The step number comes from the engine, so it is also right after a resume from a checkpoint.
 """
 from __future__ import annotations
 
 import os
 import sys
 
-_TARGET = "deepspeed.accelerator.cpu_accelerator"
+_ACCELERATOR = "deepspeed.accelerator.cpu_accelerator"
+_ENGINE = "deepspeed.runtime.engine"
 
 
-def _patch(module) -> None:
+def _patch_accelerator(module) -> None:
     cls = getattr(module, "CPU_Accelerator", None)
     if cls is None or getattr(cls, "_dapt_test_fp16_patched", False):
         return
 
-    def is_fp16_supported(self):  # noqa: ARG001
+    def is_fp16_supported(self):
         return True
 
     cls.is_fp16_supported = is_fp16_supported
     cls._dapt_test_fp16_patched = True
 
 
+def _parse_inf_steps(spec: str) -> tuple[list[tuple[int, float]], int | None]:
+    """`5-7,10@1` -> ([(5, 7), (10, 10)], 1); `4-` -> ([(4, inf)], None)."""
+    steps, _, rank = spec.partition("@")
+    ranges = []
+    for item in filter(None, (s.strip() for s in steps.split(","))):
+        lo, dash, hi = item.partition("-")
+        ranges.append((int(lo), float("inf") if dash and not hi else float(hi or lo)))
+    if not ranges:
+        raise ValueError(f"DAPT_TEST_FP16_INF_GRAD={spec!r}: no steps")
+    return ranges, (int(rank) if rank.strip() else None)
+
+
+def _patch_engine(module) -> None:
+    cls = getattr(module, "DeepSpeedEngine", None)
+    spec = os.environ.get("DAPT_TEST_FP16_INF_GRAD", "")
+    if cls is None or not spec or getattr(cls, "_dapt_test_inf_grad_patched", False):
+        return
+    ranges, only_rank = _parse_inf_steps(spec)
+    real_backward = cls.backward
+
+    def backward(self, loss, *args, **kwargs):
+        step = int(self.global_steps) + 1  # the optimizer step this backward contributes to
+        if any(lo <= step <= hi for lo, hi in ranges) and (only_rank is None or self.global_rank == only_rank):
+            loss = loss * float("inf")
+        return real_backward(self, loss, *args, **kwargs)
+
+    cls.backward = backward
+    cls._dapt_test_inf_grad_patched = True
+
+
+_PATCHES = {_ACCELERATOR: _patch_accelerator, _ENGINE: _patch_engine}
+
+
 class _PatchAfterImport:
-    """A sys.meta_path finder that only wraps the real loader of one module."""
+    """A sys.meta_path finder that only wraps the real loaders of the modules in _PATCHES."""
 
     def find_spec(self, fullname, path=None, target=None):
-        if fullname != _TARGET:
+        patch = _PATCHES.get(fullname)
+        if patch is None:
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
@@ -56,7 +99,7 @@ class _PatchAfterImport:
 
         def exec_module(module):
             real_exec(module)
-            _patch(module)
+            patch(module)
 
         # Wrap on the instance, keep everything else of the original loader.
         try:
@@ -83,12 +126,22 @@ def _chain_next_sitecustomize() -> None:
 _FINDER = _PatchAfterImport()
 
 if os.environ.get("DAPT_TEST_FP16_PATCH", "1") != "0":
-    if _TARGET in sys.modules:  # imported some other way (e.g. `import sitecustomize` late)
-        _patch(sys.modules[_TARGET])
+    if os.environ.get("DAPT_TEST_FP16_INF_GRAD"):
+        try:
+            _parse_inf_steps(os.environ["DAPT_TEST_FP16_INF_GRAD"])
+        except ValueError as exc:  # a test's mistake: stop here, not with a run that silently never overflows
+            print(f"tests/fp16/sitecustomize.py: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
     else:
+        del _PATCHES[_ENGINE]
+    for _name, _patch in list(_PATCHES.items()):
+        if _name in sys.modules:  # imported some other way (e.g. `import sitecustomize` late)
+            _patch(sys.modules[_name])
+            del _PATCHES[_name]
+    if _PATCHES:
         sys.meta_path.insert(0, _FINDER)
 
 try:
     _chain_next_sitecustomize()
-except Exception as exc:  # never break interpreter start-up
+except Exception as exc:  # noqa: BLE001 - never break interpreter start-up
     print(f"tests/fp16/sitecustomize.py: the shadowed sitecustomize failed: {exc!r}", file=sys.stderr)
