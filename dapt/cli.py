@@ -4,6 +4,7 @@
                                                     launcher: `deepspeed --num_gpus 8 $(which dapt) mlm ...`)
     dapt pipeline --demo --output_dir runs/demo     MLM -> fine-tune -> evaluate -> export, locally
     dapt report RUN_DIR                             PNG plots + Markdown summary of a run
+    dapt summarize DIR                              seeds x settings: mean, std and 95% CI per setting
     python -m dapt <command> ...                    the same, without the console script
     dapt predict --model DIR "text" ...             label and score per text
     dapt demo --model DIR                           the Gradio demo (pip install -e '.[demo]')

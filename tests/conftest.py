@@ -4,6 +4,7 @@ entry points as subprocesses (1 rank, or 2+ ranks under the deepspeed launcher o
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -92,8 +93,16 @@ def run_cli(script: str, args: list[str], env: dict[str, str], ranks: int = 1, l
     else:
         assert ranks == 1
         cmd = [sys.executable, path]
-    return subprocess.run(cmd + [str(a) for a in args], env=env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+    # Its own session: on a timeout the launcher and every rank it started are killed, not just the launcher.
+    proc = subprocess.Popen(cmd + [str(a) for a in args], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
 def assert_ok(proc: subprocess.CompletedProcess) -> None:

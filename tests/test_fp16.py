@@ -20,7 +20,7 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, assert_ok, run_cli
+from conftest import ROOT, assert_ok, deepspeed_command, run_cli
 
 pytestmark = [pytest.mark.fp16, pytest.mark.dist]
 
@@ -44,8 +44,9 @@ def _args(stage, out, tiny_model, demo_files, ds, epochs=2, extra=()):
     return args
 
 
-def _train(stage, out, tiny_model, demo_files, ds, env, **kw):
-    return run_cli(f"{stage}.py", _args(stage, out, tiny_model, demo_files, ds, **kw), env, ranks=2, launcher="deepspeed")
+def _train(stage, out, tiny_model, demo_files, ds, env, timeout=300, **kw):
+    return run_cli(f"{stage}.py", _args(stage, out, tiny_model, demo_files, ds, **kw), env, ranks=2, launcher="deepspeed",
+                   timeout=timeout)
 
 
 def _records(out):
@@ -210,11 +211,27 @@ def test_zero2_mlm_stop_and_resume_restores_the_loss_scaler(mlm_fp16, tmp_path, 
 # --- ZeRO-3 fine-tune: export of the FP32 master weights, FP16 evaluation -----------------------
 
 @pytest.fixture(scope="module")
-def finetune_zero3(tmp_path_factory, tiny_model, demo_files, fp16_env):
+def wide_classifier(tmp_path_factory, tiny_model):
+    """The tiny BERT as a classifier with initializer_range 0.5: at BERT's 0.02 a tiny random model gives every
+    review the same logits (and 20 steps do not change that), so fp16 vs fp32 predictions would be compared on
+    one class only; at 0.5 the fine-tuned model predicts both classes, with p(positive) from ~0.01 to ~0.99."""
+    from transformers import AutoConfig, AutoTokenizer, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("wide_classifier")
+    config = AutoConfig.from_pretrained(tiny_model)
+    config.initializer_range, config.num_labels = 0.5, 2
+    BertForSequenceClassification(config).save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def finetune_zero3(tmp_path_factory, wide_classifier, demo_files, fp16_env):
     out = tmp_path_factory.mktemp("fp16_ft") / "run"
     start = time.time()
     # --peak_tflops: MFU is logged on CPU too (the table of GPUs needs a CUDA device name)
-    assert_ok(_train("finetune", out, tiny_model, demo_files, ZERO3, fp16_env, extra=["--peak_tflops", PEAK_TFLOPS]))
+    assert_ok(_train("finetune", out, wide_classifier, demo_files, ZERO3, fp16_env, extra=["--peak_tflops", PEAK_TFLOPS]))
     return out, time.time() - start
 
 
@@ -225,8 +242,8 @@ def test_zero3_finetune_exports_fp32_master_weights(finetune_zero3):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["precision"] == "fp16" and summary["steps"] == max(train)
     diff = summary["export_max_abs_logit_diff"]
-    # the engine's logits are FP16 (about 3 significant digits), the exported model's FP32: they differ, a little
-    assert 0 < diff <= 1e-2, diff
+    # the engine's logits are FP16 (about 3 significant digits; these are O(1-5)), the export's FP32: they differ, a little
+    assert 0 < diff <= 2e-2, diff
     weights = _assert_fp32_master_weights(out)
     # MFU = real tokens/s x model FLOPs per token (6N + 12·L·H·Q·T, N without embeddings) / (peak x ranks);
     # N counted here on the exported model, there on the ZeRO-3 partitioned module (ds_numel)
@@ -236,8 +253,8 @@ def test_zero3_finetune_exports_fp32_master_weights(finetune_zero3):
     flops_per_token = 6 * n + 12 * layers * hidden * run_cfg["config"]["max_seq_length"]
     for r in train.values():
         assert r["mfu"] == pytest.approx(r["tokens_per_s"] * flops_per_token / (PEAK_TFLOPS * 1e12 * 2), rel=1e-9)
-    print(f"zero3 fp16 fine-tune ({seconds:.0f}s): {summary['steps']} steps, loss_scale {sorted({r['loss_scale'] for r in train.values()})}, "
-          f"skipped {train[max(train)]['skipped_steps']}; export: {len(weights)} float32 tensors, "
+    print(f"zero3 fp16 fine-tune ({seconds:.0f}s): {summary['steps']} steps, (step, skipped, loss_scale) "
+          f"{[(s, r['skipped_steps'], int(r['loss_scale'])) for s, r in sorted(train.items())]}; export: {len(weights)} float32 tensors, "
           f"max |logit diff| engine (fp16) vs export (fp32) {diff:.2e}")
 
 
@@ -258,23 +275,27 @@ def test_evaluation_in_fp16_agrees_with_fp32(finetune_zero3, tmp_path, demo_file
     assert results["fp16"]["precision"] == "fp16" and results["fp32"]["precision"] == "fp32"
     assert len(preds["fp16"]) == len(preds["fp32"]) == results["fp16"]["n_examples"] == 37
     assert [p["row"] for p in preds["fp16"]] == [p["row"] for p in preds["fp32"]]
+    assert {p["predicted"] for p in preds["fp32"]} == {"negative", "positive"}  # a comparison on both classes
     differ = sum(a["predicted"] != b["predicted"] for a, b in zip(preds["fp16"], preds["fp32"]))
     prob_diff = max(abs(a["probabilities"]["positive"] - b["probabilities"]["positive"])
                     for a, b in zip(preds["fp16"], preds["fp32"]))
-    assert 0 < prob_diff < 0.01, prob_diff  # autocast really ran in half precision, and only rounding differs
+    assert 0 < prob_diff < 0.05, prob_diff  # autocast really ran in half precision, and only rounding differs
     assert differ <= 2, differ
-    print(f"evaluation fp16 vs fp32: {differ} of 37 predicted labels differ, max |p(positive) diff| {prob_diff:.2e}; "
-          f"accuracy {results['fp16']['accuracy']:.4f} vs {results['fp32']['accuracy']:.4f}")
+    margins = sorted(abs(p["probabilities"]["positive"] - 0.5) for p in preds["fp32"])
+    print(f"evaluation fp16 vs fp32: {differ} of 37 predicted labels differ, max |p(positive) diff| {prob_diff:.2e} "
+          f"(closest fp32 call: p(positive) 0.5 +- {margins[0]:.3f}); accuracy {results['fp16']['accuracy']:.4f} vs "
+          f"{results['fp32']['accuracy']:.4f}")
 
 
 # --- ZeRO-3 with CPU offload (DeepSpeedCPUAdam) ---------------------------------------------------
 
 def test_zero3_offload_fp16_runs_and_exports(tmp_path, tiny_model, demo_files, fp16_env):
     """ds_configs/zero3_offload_fp16.json as shipped. The first run on a machine JIT-builds DeepSpeed's
-    cpu_adam op (~4 min on 2 cores; cached in ~/.cache/torch_extensions afterwards)."""
+    cpu_adam op (4-8 min on 2 cores; cached in ~/.cache/torch_extensions afterwards, per ninja version: the
+    one on PATH, as for every DeepSpeed op the tests build)."""
     out = tmp_path / "run"
     start = time.time()
-    proc = _train("mlm", out, tiny_model, demo_files, OFFLOAD, fp16_env, epochs=1)
+    proc = _train("mlm", out, tiny_model, demo_files, OFFLOAD, fp16_env, epochs=1, timeout=900)
     assert_ok(proc)
     run_cfg, train = _assert_fp16_run(out, OFFLOAD)
     ds = run_cfg["deepspeed"]
@@ -290,29 +311,42 @@ def test_zero3_offload_fp16_runs_and_exports(tmp_path, tiny_model, demo_files, f
 # --- the loss-scale floor -------------------------------------------------------------------------
 
 def test_loss_scale_floor_is_one_line_and_exit_3(tmp_path, tiny_model, demo_files, fp16_env):
-    """Scale 4, no hysteresis, floor 1: from step 4 on every step overflows (on rank 1); steps 4 and 5 are
-    skipped (4 -> 2 -> 1) and step 6 hits the floor. The run resumed from a good checkpoint (step 3), which
-    must stay what `latest` names, byte for byte."""
+    """Scale 4, no hysteresis, floor 1. Steps 1-3 are fine and step 3 is saved (--save_steps 3); from step 4 on
+    every step overflows (on rank 1): steps 4 and 5 are skipped (4 -> 2 -> 1) and step 6 hits the floor. The
+    checkpoint of step 3 must stay what `latest` names, byte for byte: hashed as soon as `latest` names it
+    (the run is then still training), and again after the failure."""
     ds = _ds_copy(tmp_path, "zero2_fp16_floor.json", ZERO2, initial_scale_power=2, hysteresis=1, min_loss_scale=1)
     out = tmp_path / "run"
-    ckpts = out / "checkpoints"
-    first = _train("finetune", out, tiny_model, demo_files, ds, {**fp16_env, "DAPT_FAULT": "signal=train:0:2"}, epochs=1)
-    assert first.returncode == EXIT_REQUEUE, first.stdout[-3000:] + first.stderr[-3000:]
-    assert (ckpts / "latest").read_text().strip() == "step0000003"
-    before = _hashes(ckpts)
-
-    failed = _train("finetune", out, tiny_model, demo_files, ds, {**fp16_env, "DAPT_TEST_FP16_INF_GRAD": "4-@1"}, epochs=1)
-    assert failed.returncode == EXIT_TRAINING_FAILED, f"exit {failed.returncode}\n{failed.stdout[-3000:]}\n{failed.stderr[-3000:]}"
-    assert "Traceback" not in failed.stderr and "Traceback" not in failed.stdout, failed.stderr[-3000:]
-    lines = [ln for ln in failed.stderr.splitlines() if "dapt: error:" in ln]
-    assert sorted(ln.split("]")[0] for ln in lines) == ["[rank 0", "[rank 1"], lines  # one per rank
+    ckpts, good = out / "checkpoints", "step0000003"
+    args = _args("finetune", out, tiny_model, demo_files, ds, epochs=1, extra=["--save_steps", "3"])
+    env = {**fp16_env, "DAPT_TEST_FP16_INF_GRAD": "4-@1"}
+    with (tmp_path / "stdout").open("w+") as stdout, (tmp_path / "stderr").open("w+") as stderr:
+        proc = subprocess.Popen([*deepspeed_command("finetune.py", 2), *map(str, args)], env=env, cwd=ROOT,
+                                stdout=stdout, stderr=stderr, text=True)
+        try:
+            deadline = time.time() + 300
+            while not ((ckpts / "latest").is_file() and (ckpts / "latest").read_text().strip() == good):
+                assert proc.poll() is None and time.time() < deadline, "no checkpoint of step 3"
+                time.sleep(0.05)
+            before = _hashes(ckpts)
+            rc = proc.wait(timeout=300)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        stdout.seek(0), stderr.seek(0)
+        out_text, err_text = stdout.read(), stderr.read()
+    assert rc == EXIT_TRAINING_FAILED, f"exit {rc}\n{out_text[-3000:]}\n{err_text[-3000:]}"
+    assert "Traceback" not in err_text and "Traceback" not in out_text, err_text[-3000:]
+    lines = [ln for ln in err_text.splitlines() if "dapt: error:" in ln]
+    assert sorted(ln.split("]")[0] for ln in lines) == ["[rank 0", "[rank 1"], lines  # one line per rank
     for line in lines:
         assert "FP16 loss scale at its minimum (1) and the gradients still overflow, at optimizer step 6" in line, line
         assert "BF16" in line and "lower learning_rate (now 0.001)" in line and f"--resume {ckpts}/<tag>" in line, line
-        assert line.endswith("last good checkpoint: step0000003, nothing saved over it"), line
-    assert (ckpts / "latest").read_text().strip() == "step0000003"
+        assert line.endswith(f"last good checkpoint: {good}, nothing saved over it"), line
+    assert (ckpts / "latest").read_text().strip() == good
     assert _hashes(ckpts) == before  # nothing written over it, nothing new
     train, _ = _records(out)
     trajectory = [(s, train[s]["skipped_steps"], train[s]["loss_scale"]) for s in sorted(train)]
     assert trajectory == [(1, 0, 4.0), (2, 0, 4.0), (3, 0, 4.0), (4, 1, 2.0), (5, 2, 1.0)], trajectory
-    print(f"floor: (step, skipped, scale) {trajectory}; then step 6 -> exit 3; {lines[0]}")
+    print(f"floor: (step, skipped, scale) {trajectory}; then step 6 -> exit 3; {len(before)} checkpoint files "
+          f"unchanged; {lines[0]}")

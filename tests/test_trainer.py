@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from dapt.config import FinetuneConfig, MLMConfig
 from dapt.distributed import setup_distributed, shutdown
-from dapt.errors import StopRequested
+from dapt.errors import DaptError, StopRequested
 from dapt.train.tasks import FINETUNE, MLM
 from dapt.train.trainer import Trainer
 
@@ -111,6 +111,9 @@ def test_finished_run_is_not_redone(tmp_path, tiny_model, demo_files, clean_env)
     first = Trainer(cfg, MLM).run()
     again = Trainer(mlm_cfg(tmp_path / "run", tiny_model, demo_files, num_epochs=1), MLM)
     assert again.run() == first and not hasattr(again, "engine")
+    # more epochs on a finished run would train past its decayed schedule: refused, in one line
+    with pytest.raises(DaptError, match=r"is a finished run of 1 epoch\(s\); num_epochs 2 would extend it"):
+        Trainer(mlm_cfg(tmp_path / "run", tiny_model, demo_files, num_epochs=2), MLM).run()
 
 
 def test_classification_task_logs_accuracy(tmp_path, tiny_model, demo_files, clean_env):

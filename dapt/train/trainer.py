@@ -151,7 +151,15 @@ class Trainer:
         summary = read_json(self.layout.summary, {})
         if resume_from is None or not summary or not self.layout.model.is_dir():
             return None
-        return summary if summary.get("final_checkpoint", summary.get("checkpoint")) == str(resume_from) else None
+        if summary.get("final_checkpoint", summary.get("checkpoint")) != str(resume_from):
+            return None
+        done_epochs = ckpt.validate(resume_from).epoch
+        if done_epochs < self.cfg.num_epochs and not summary.get("selected", {}).get("stopped_early"):
+            # Its learning rate already decayed to zero over its own length: more epochs are a new run.
+            raise DaptError(f"{self.layout.root} is a finished run of {done_epochs} epoch(s); num_epochs "
+                            f"{self.cfg.num_epochs} would extend it past its schedule: start a new run from its "
+                            f"model (--model_name_or_path {self.layout.model}) in another output_dir")
+        return summary
 
     def setup(self, resume_from: Path | None) -> None:
         """Process group, data, DeepSpeed config and engine; then the restored state and the log."""
