@@ -80,6 +80,14 @@ def test_length_beyond_the_models_positions_is_refused_up_front(tiny_model):
                                                 "--max_seq_length", "100000"])
     with pytest.raises(DaptError, match="max_seq_length 100000 exceeds the model's limit of 128 positions"):
         resolve_eval_settings(cfg, str(tiny_model))
+    from dapt.commands.prepare import parse_args
+    from dapt.data.prepare import prepare
+
+    for stage in ("mlm", "finetune"):
+        opts, stage_cfg = parse_args(["--stage", stage, "--output_dir", "o", "--model_name_or_path", str(tiny_model),
+                                      "--data_files", "x.jsonl", "--max_seq_length", "100000"])
+        with pytest.raises(DaptError, match="exceeds the model's limit of 128 positions"):
+            prepare(opts, stage_cfg)
 
 
 def test_unknown_recipe_key(tmp_path):

@@ -33,7 +33,7 @@ from dapt.distributed import DistInfo
 from dapt.errors import DaptError
 from dapt.io import dump_json
 from dapt.model.loading import load_tokenizer, resolve_model
-from dapt.model.settings import resolve_eval_settings
+from dapt.model.settings import check_length, position_limit, resolve_eval_settings
 from dapt.version import __version__
 
 STAGES = ("mlm", "finetune", "evaluate")
@@ -191,6 +191,7 @@ def prepare(opts: PrepareOptions, cfg: Any) -> dict[str, Any]:
     model_dir = resolve_model(cfg.model_name_or_path)
     if opts.stage == "evaluate":
         resolve_eval_settings(cfg, model_dir)
+    check_length(cfg.max_seq_length, position_limit(model_dir))  # a long text would fail mid-run otherwise
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false" if cfg.num_proc > 1 else "true")
     tokenizer = load_tokenizer(model_dir)
 
