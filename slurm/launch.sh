@@ -45,6 +45,18 @@ dapt_log() { echo "dapt-slurm: $*"; }
 # dapt_hosts: the job's host names, one a line
 dapt_hosts() { scontrol show hostnames "${SLURM_JOB_NODELIST:?not inside a Slurm job}"; }
 
+# dapt_sbatch_opts ARGS...: DAPT_OPTS = the given sbatch options, preceded by DAPT_GPUS_PER_NODE's
+# (N: --gres=gpu:N --ntasks-per-node=N; 0: CPU mode, --gres=none; unset: the scripts' #SBATCH defaults)
+dapt_sbatch_opts() {
+    DAPT_OPTS=("$@")
+    case ${DAPT_GPUS_PER_NODE-unset} in
+        unset) ;;
+        0) DAPT_OPTS=(--gres=none "$@") ;;
+        *[!0-9]*|'') dapt_die "DAPT_GPUS_PER_NODE=$DAPT_GPUS_PER_NODE: expected a number of GPUs (0 = CPU only)" ;;
+        *) DAPT_OPTS=(--gres=gpu:$DAPT_GPUS_PER_NODE --ntasks-per-node=$DAPT_GPUS_PER_NODE "$@") ;;
+    esac
+}
+
 _dapt_file() {  # NAME: a set variable must name a file, here or in the checkout (recipes/..., ds_configs/...)
     local value=${!1:-}
     [[ -z $value || -f $value ]] && return

@@ -27,13 +27,8 @@ out=${DAPT_OUTPUT_DIR:-runs/pipeline}
 _dapt_file DAPT_CONFIG     # here, or relative to the checkout (then made absolute for the jobs)
 _dapt_file DAPT_DS_CONFIG
 
-opts=("$@")
-case ${DAPT_GPUS_PER_NODE-unset} in
-    unset) ;;
-    0) opts=(--gres=none "${opts[@]}") ;;
-    *[!0-9]*|'') dapt_die "DAPT_GPUS_PER_NODE=$DAPT_GPUS_PER_NODE: expected a number of GPUs (0 = CPU only)" ;;
-    *) opts=(--gres=gpu:$DAPT_GPUS_PER_NODE --ntasks-per-node=$DAPT_GPUS_PER_NODE "${opts[@]}") ;;
-esac
+dapt_sbatch_opts "$@"
+opts=("${DAPT_OPTS[@]}")
 read -r -a mlm_args <<<"${DAPT_MLM_ARGS:-}"
 read -r -a ft_args <<<"${DAPT_FINETUNE_ARGS:-}"
 read -r -a eval_args <<<"${DAPT_EVAL_ARGS:-}"

@@ -137,13 +137,8 @@ model=${DAPT_MODEL:-runs/mlm}
 _dapt_file DAPT_CONFIG     # here, or relative to the checkout (then made absolute for the jobs)
 _dapt_file DAPT_DS_CONFIG
 
-opts=("$@")
-case ${DAPT_GPUS_PER_NODE-unset} in
-    unset) ;;
-    0) opts=(--gres=none "${opts[@]}") ;;
-    *[!0-9]*|'') dapt_die "DAPT_GPUS_PER_NODE=$DAPT_GPUS_PER_NODE: expected a number of GPUs (0 = CPU only)" ;;
-    *) opts=(--gres=gpu:$DAPT_GPUS_PER_NODE --ntasks-per-node=$DAPT_GPUS_PER_NODE "${opts[@]}") ;;
-esac
+dapt_sbatch_opts "$@"
+opts=("${DAPT_OPTS[@]}")
 mkdir -p logs
 
 n=$(( ${#seeds[@]} * (${#rates[@]} > 0 ? ${#rates[@]} : 1) ))

@@ -21,6 +21,7 @@ import time
 import pytest
 import torch
 from conftest import ROOT, assert_ok, deepspeed_command, run_cli
+from test_resume import _args as resume_args
 
 pytestmark = [pytest.mark.fp16, pytest.mark.dist]
 
@@ -34,14 +35,8 @@ PEAK_TFLOPS = 0.5
 
 
 def _args(stage, out, tiny_model, demo_files, ds, epochs=2, extra=()):
-    data = demo_files["unlabelled"] if stage == "mlm" else demo_files["train"]
-    args = ["--model_name_or_path", tiny_model, "--data_files", data, "--output_dir", out, "--ds_config", ds,
-            "--max_seq_length", "64", "--num_epochs", epochs, "--learning_rate", "1e-3", "--warmup", "0.1",
-            "--validation_split", "0.1", "--effective_batch_size", "16", "--micro_batch_size", "4",
-            "--logging_steps", "1", "--seed", "3", "--save_steps", "0", *extra]
-    if stage == "finetune":
-        args += ["--head_tokens", "16"]
-    return args
+    """test_resume's arguments, saving only at epoch ends and on a stop (the last --save_steps wins)."""
+    return resume_args(stage, out, tiny_model, demo_files, ds, epochs, ("--save_steps", "0", *extra))
 
 
 def _train(stage, out, tiny_model, demo_files, ds, env, timeout=300, **kw):
