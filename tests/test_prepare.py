@@ -249,10 +249,11 @@ def test_aclimdb_tree_prepare_reports_leakage(tmp_path, tiny_model, capsys):
     assert manifest["leakage"]["shared_texts"] == 1 and manifest["splits"]["train"]["texts"] == 6
 
 
-def test_real_imdb_prepare(tmp_path, tiny_model):
+def test_real_imdb_prepare(tmp_path, tokenizer_dir):
     if not (SHARED_IMDB / "train.parquet").exists():
         pytest.skip("../shared/data/imdb not present")
-    manifest = run_prepare("--stage", "finetune", "--output_dir", tmp_path / "p", "--model_name_or_path", tiny_model,
+    # The real MiniLM (512 positions): the statistics below are about 512-token inputs.
+    manifest = run_prepare("--stage", "finetune", "--output_dir", tmp_path / "p", "--model_name_or_path", tokenizer_dir,
                            "--data_files", SHARED_IMDB / "train.parquet", "--test_files", SHARED_IMDB / "test.parquet",
                            "--max_samples", 2000, "--num_proc", 2)
     train = manifest["splits"]["train"]
