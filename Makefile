@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
 PIP    := $(VENV)/bin/pip --disable-pip-version-check -q
 
-.PHONY: venv demo test quality bench clean
+.PHONY: venv demo test quality dapt-gain bench clean
 
 $(STAMP): setup.py Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -25,11 +25,17 @@ demo: venv
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/python launch/pipeline.py --demo \
 		--output_dir runs/demo --overwrite_output_dir
 
+# The venv first on PATH: its deepspeed/torchrun/ninja for the ranks the tests start (DeepSpeed's JIT ops,
+# pre-built by .ci/run, are then up to date instead of rebuilt mid-suite).
 test: venv
-	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 quality: venv
 	$(VENV)/bin/python benchmarks/quality_imdb.py
+
+# Does the MLM stage pay? Paired arms (fine-tune only vs MLM then fine-tune), 3 seeds, real IMDB (~45 min).
+dapt-gain: venv
+	$(VENV)/bin/python benchmarks/dapt_gain.py $(GAIN_ARGS)
 
 # Benchmark 1: HF Trainer reference vs dapt on CPU (needs ../shared/data/imdb); ends with a JSON line.
 bench: venv

@@ -6,18 +6,23 @@ effective batch, one epoch each, in one run on this machine:
   (a) HF Trainer, one process using all cores: padding="max_length" at max_length 512,
       DataCollatorForLanguageModeling for MLM, head truncation for fine-tuning;
   (b) dapt on 2 ranks (deepspeed launcher, ZeRO-2, fp32 on CPU) with every speed switch on;
-  (c) dapt with one switch off at a time (packing, sparse MLM head, length bucketing, [CLS]-only
-      last layer).
-Prints wall time per epoch (training loop only, start-up excluded for both) and real (non-padding)
-tokens/s, the ratios, and ends with one JSON line holding mlm_speedup and finetune_speedup.
+  (c) with --ablations: dapt with one switch off at a time (packing, sparse MLM head, length
+      bucketing, [CLS]-only last layer), once each.
+Each arm runs `--reps` times, interleaved (reference, dapt, reference, dapt, ...), so that a slow
+spell of a shared machine hits both; speed is real (non-padding) tokens per second of the training
+loop (start-up excluded on both sides). Prints per arm the min / median / max, the ratio of the
+medians with the per-repetition ratios' range, this machine's attainable FP32 FLOP/s (a matmul probe)
+and the share of it dapt's MLM reaches in model FLOPs, and ends with one JSON line: mlm_speedup and
+finetune_speedup (ratios of medians) with their _min/_max.
 
-    .venv/bin/python benchmarks/cpu_speed.py [--reviews 512] [--max_length 512] [--skip_ablations]
+    .venv/bin/python benchmarks/cpu_speed.py [--reviews 256] [--reps 3] [--ablations] [--dapt_args ...]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -73,13 +78,14 @@ def reference(stage: str, data: Path, model: str, max_length: int, batch: int, o
     return {"seconds": seconds, "real_tokens": real_tokens}
 
 
-def dapt_run(stage: str, data: Path, max_length: int, batch: int, out: Path, flags: list[str]) -> dict:
-    """dapt on 2 ranks; seconds of the training loop (summary.json) and real tokens it trained on."""
+def dapt_run(stage: str, data: Path, max_length: int, batch: int, out: Path, flags: list[str], ranks: int = 2) -> dict:
+    """dapt on `ranks` ranks (each with cores / ranks threads); seconds of the training loop (summary.json)
+    and real tokens it trained on."""
     run_dir = out / f"dapt-{stage}-{'-'.join(f.strip('-') for f in flags) or 'all'}"
-    cmd = [*deepspeed_command(f"{stage}.py", 2),
+    cmd = [*deepspeed_command(f"{stage}.py", ranks),
            "--model_name_or_path", "minilm-l6", "--data_files", str(data), "--output_dir", str(run_dir),
            "--overwrite_output_dir", "--ds_config", "ds_configs/zero2_auto.json", "--max_seq_length", str(max_length),
-           "--num_epochs", "1", "--effective_batch_size", str(batch), "--micro_batch_size", str(batch // 2),
+           "--num_epochs", "1", "--effective_batch_size", str(batch), "--micro_batch_size", str(batch // ranks),
            "--learning_rate", "2e-5", "--warmup", "0", "--validation_split", "0", "--logging_steps", "1",
            "--save_steps", "0", *flags]
     run_logged(cmd, run_dir.with_suffix(".log"))
@@ -89,45 +95,108 @@ def dapt_run(stage: str, data: Path, max_length: int, batch: int, out: Path, fla
     return {"seconds": summary["train_seconds"], "real_tokens": int(round(tokens))}
 
 
+def matmul_flops(seconds: float = 3.0) -> float:
+    """This machine's attainable FP32 FLOP/s: square matmuls on all cores (the ceiling a model reaches)."""
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    for _ in range(3):
+        a @ b  # warm-up
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        done += 1
+    return done * 2 * 1024**3 / (time.perf_counter() - start)
+
+
+def mlm_flops_per_token(model: str, seq_len: int, mask_rate: float = 0.15) -> float:
+    """6N + 12*L*H*Q*T per real token (N: encoder parameters without embeddings), plus the MLM head
+    (transform + vocabulary projection) at the masked positions only, as dapt's sparse head computes it."""
+    from transformers import AutoConfig
+
+    c = AutoConfig.from_pretrained(model)
+    h, layers = c.hidden_size, c.num_hidden_layers
+    per_layer = 4 * h * h + 2 * h * c.intermediate_size + 9 * h + c.intermediate_size  # weights, biases, LNs
+    head = h * h + h * c.vocab_size
+    return 6 * layers * per_layer + 12 * layers * h * seq_len + 6 * mask_rate * head
+
+
+def spread(values: list[float]) -> dict:
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "imdb")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-cpu")
-    ap.add_argument("--reviews", type=int, default=512)
+    ap.add_argument("--reviews", type=int, default=256)
     ap.add_argument("--max_length", type=int, default=512)
     ap.add_argument("--batch", type=int, default=16, help="effective batch, both sides")
-    ap.add_argument("--skip_ablations", action="store_true")
+    ap.add_argument("--reps", type=int, default=3, help="repetitions of each arm, interleaved A B A B ...")
+    ap.add_argument("--ablations", action="store_true", help="also one run per speed switch turned off")
     ap.add_argument("--stages", nargs="+", choices=["mlm", "finetune"], default=["mlm", "finetune"])
+    ap.add_argument("--dapt_ranks", type=int, default=2, help="dapt's ranks (threads each: cores / ranks)")
+    ap.add_argument("--dapt_args", nargs=argparse.REMAINDER, default=[],
+                    help="extra flags for every dapt run (a candidate change measured against the same reference)")
     args = ap.parse_args()
+    if args.reps < 1:
+        ap.error("--reps must be >= 1")
     os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     from dapt.model.loading import resolve_model
 
     model = resolve_model("minilm-l6")
     data = sample(args.data, args.out, args.reviews, seed=0)
-    rows = []
-    results = {}
-    for stage, switches in (("mlm", ["--packing", "--sparse_mlm_head"]), ("finetune", ["--length_bucketing", "--cls_only_last_layer"])):
-        if stage not in args.stages:
-            continue
-        ref = reference(stage, data, model, args.max_length, args.batch, args.out)
-        ours = dapt_run(stage, data, args.max_length, args.batch, args.out, [])
-        results[stage] = ours["real_tokens"] / ours["seconds"] / (ref["real_tokens"] / ref["seconds"])
-        rows.append((stage, "HF Trainer (reference)", ref))
-        rows.append((stage, "dapt, 2 ranks, all switches", ours))
-        if not args.skip_ablations:
-            for switch in switches:
-                rows.append((stage, f"dapt without {switch[2:]}",
-                             dapt_run(stage, data, args.max_length, args.batch, args.out, [switch, "false"])))
+    peak = matmul_flops()
+    tps: dict[tuple[str, str], list[float]] = {}
+    ratios: dict[str, list[float]] = {}
+    for rep in range(args.reps):  # interleaved: a slow spell of a shared machine hits both arms alike
+        for stage in args.stages:
+            ref = reference(stage, data, model, args.max_length, args.batch, args.out)
+            ours = dapt_run(stage, data, args.max_length, args.batch, args.out, args.dapt_args, args.dapt_ranks)
+            for arm, r in (("reference", ref), ("dapt", ours)):
+                tps.setdefault((stage, arm), []).append(r["real_tokens"] / r["seconds"])
+            ratios.setdefault(stage, []).append(tps[(stage, "dapt")][-1] / tps[(stage, "reference")][-1])
+            print(f"rep {rep + 1}/{args.reps} {stage}: reference {tps[(stage, 'reference')][-1]:.0f} tok/s, "
+                  f"dapt {tps[(stage, 'dapt')][-1]:.0f} tok/s ({ratios[stage][-1]:.2f}x)", flush=True)
+    peak = max(peak, matmul_flops())  # probed before and after: the better of the two is the machine's
+    ablations = []
+    if args.ablations:
+        switches = {"mlm": ["--packing", "--sparse_mlm_head"], "finetune": ["--length_bucketing", "--cls_only_last_layer"]}
+        for stage in args.stages:
+            for switch in switches[stage]:
+                r = dapt_run(stage, data, args.max_length, args.batch, args.out, [*args.dapt_args, switch, "false"],
+                             args.dapt_ranks)
+                ablations.append((stage, switch[2:], r["real_tokens"] / r["seconds"]))
     print(f"\n{args.reviews} IMDB reviews, max_length {args.max_length}, effective batch {args.batch}, 1 epoch, "
-          f"MiniLM-L6 (22.7M), {os.cpu_count()} CPU cores")
-    print(f"{'stage':<9} {'setup':<34} {'s/epoch':>8} {'real tok':>9} {'real tok/s':>10} {'vs ref':>7}")
-    base = {}
-    for stage, name, r in rows:
-        tps = r["real_tokens"] / r["seconds"]
-        base.setdefault(stage, tps)
-        print(f"{stage:<9} {name:<34} {r['seconds']:>8.1f} {r['real_tokens']:>9d} {tps:>10.0f} {tps / base[stage]:>6.2f}x")
-    print(json.dumps({**{f"{stage}_speedup": round(r, 3) for stage, r in results.items()},
-                      "reviews": args.reviews, "max_length": args.max_length, "batch": args.batch}))
+          f"MiniLM-L6 (22.7M), {os.cpu_count()} CPU cores, {args.reps} interleaved repetitions, "
+          f"dapt on {args.dapt_ranks} rank(s)"
+          + (f", dapt flags: {' '.join(args.dapt_args)}" if args.dapt_args else ""))
+    print(f"{'stage':<9} {'arm':<10} {'min tok/s':>10} {'median':>8} {'max':>8}   ratio of medians (per-rep min-max)")
+    line: dict = {}
+    for stage in args.stages:
+        for arm in ("reference", "dapt"):
+            s = spread(tps[(stage, arm)])
+            print(f"{stage:<9} {arm:<10} {s['min']:>10.0f} {s['median']:>8.0f} {s['max']:>8.0f}", end="")
+            if arm == "dapt":
+                speedup = s["median"] / spread(tps[(stage, "reference")])["median"]
+                r = spread(ratios[stage])
+                print(f"   {speedup:.2f}x ({r['min']:.2f}-{r['max']:.2f})", end="")
+                line.update({f"{stage}_speedup": round(speedup, 3), f"{stage}_speedup_min": round(r["min"], 3),
+                             f"{stage}_speedup_max": round(r["max"], 3)})
+            print()
+    for stage, switch, value in ablations:
+        median = spread(tps[(stage, "dapt")])["median"]
+        print(f"{stage:<9} dapt without {switch}: {value:.0f} tok/s (all switches' median / this: {median / value:.2f}x)")
+    if "mlm" in args.stages:
+        flops = mlm_flops_per_token(model, args.max_length) * spread(tps[("mlm", "dapt")])["median"]
+        line["mlm_efficiency"] = round(flops / peak, 3)
+        print(f"CPU: {peak / 1e9:.1f} GFLOP/s attainable (FP32 matmul probe); dapt MLM {flops / 1e9:.1f} GFLOP/s "
+              f"of model FLOPs = {flops / peak:.0%} of it")
+    line.update({"dapt_ranks": args.dapt_ranks, "reviews": args.reviews, "max_length": args.max_length, "batch": args.batch, "reps": args.reps,
+                 "peak_gflops": round(peak / 1e9, 1),
+                 **{f"{stage}_{arm}_tok_s": [round(v) for v in values] for (stage, arm), values in tps.items()}})
+    print(json.dumps(line))
 
 
 if __name__ == "__main__":
