@@ -205,6 +205,7 @@ def main() -> None:
     arms = {arm: mean_interval([r[arm]["accuracy"] for r in rows]) for arm in ("A", "B")}
     f1 = {arm: mean_interval([r[arm]["f1_macro"] for r in rows]) for arm in ("A", "B")}
     paired = paired_difference([r["B"]["accuracy"] for r in rows], [r["A"]["accuracy"] for r in rows])
+    paired["mean_B"], paired["mean_A"] = paired.pop("mean_a"), paired.pop("mean_b")  # named by arm, not position
     table = report(rows, arms, paired, mlm)
     print("\n" + table)
     (args.out / f"dapt_gain-{tag}.md").write_text(table + "\n")
