@@ -33,7 +33,7 @@ test: venv
 quality: venv
 	$(VENV)/bin/python benchmarks/quality_imdb.py
 
-# Does the MLM stage pay? Paired arms (fine-tune only vs MLM then fine-tune), 3 seeds, real IMDB (~45 min).
+# Does the MLM stage pay? Paired arms (fine-tune only vs MLM then fine-tune), 3 seeds, real IMDB (~65 min on 2 cores).
 dapt-gain: venv
 	$(VENV)/bin/python benchmarks/dapt_gain.py $(GAIN_ARGS)
 

@@ -111,15 +111,16 @@ def matmul_flops(seconds: float = 3.0) -> float:
 
 
 def mlm_flops_per_token(model: str, seq_len: int, mask_rate: float = 0.15) -> float:
-    """6N + 12*L*H*Q*T per real token (N: encoder parameters without embeddings), plus the MLM head
-    (transform + vocabulary projection) at the masked positions only, as dapt's sparse head computes it."""
-    from transformers import AutoConfig
+    """dapt's own model FLOPs per token (dapt/observe/throughput.py: 6N + 12*L*H*Q*T, N without embeddings
+    and decoder), plus the vocabulary projection at the masked positions only, as the sparse head computes
+    it (the head's small transform is counted at every position: < 1% too high)."""
+    from transformers import AutoConfig, AutoModelForMaskedLM
 
-    c = AutoConfig.from_pretrained(model)
-    h, layers = c.hidden_size, c.num_hidden_layers
-    per_layer = 4 * h * h + 2 * h * c.intermediate_size + 9 * h + c.intermediate_size  # weights, biases, LNs
-    head = h * h + h * c.vocab_size
-    return 6 * layers * per_layer + 12 * layers * h * seq_len + 6 * mask_rate * head
+    from dapt.observe.throughput import model_flops_per_token
+
+    config = AutoConfig.from_pretrained(model)
+    dense = model_flops_per_token(AutoModelForMaskedLM.from_config(config), seq_len)
+    return dense + 6 * mask_rate * config.hidden_size * config.vocab_size
 
 
 def spread(values: list[float]) -> dict:
@@ -149,16 +150,15 @@ def main() -> None:
     data = sample(args.data, args.out, args.reviews, seed=0)
     peak = matmul_flops()
     tps: dict[tuple[str, str], list[float]] = {}
-    ratios: dict[str, list[float]] = {}
     for rep in range(args.reps):  # interleaved: a slow spell of a shared machine hits both arms alike
         for stage in args.stages:
             ref = reference(stage, data, model, args.max_length, args.batch, args.out)
             ours = dapt_run(stage, data, args.max_length, args.batch, args.out, args.dapt_args, args.dapt_ranks)
             for arm, r in (("reference", ref), ("dapt", ours)):
                 tps.setdefault((stage, arm), []).append(r["real_tokens"] / r["seconds"])
-            ratios.setdefault(stage, []).append(tps[(stage, "dapt")][-1] / tps[(stage, "reference")][-1])
-            print(f"rep {rep + 1}/{args.reps} {stage}: reference {tps[(stage, 'reference')][-1]:.0f} tok/s, "
-                  f"dapt {tps[(stage, 'dapt')][-1]:.0f} tok/s ({ratios[stage][-1]:.2f}x)", flush=True)
+            ref_tps, ours_tps = tps[(stage, "reference")][-1], tps[(stage, "dapt")][-1]
+            print(f"rep {rep + 1}/{args.reps} {stage}: reference {ref_tps:.0f} tok/s, dapt {ours_tps:.0f} tok/s "
+                  f"({ours_tps / ref_tps:.2f}x)", flush=True)
     peak = max(peak, matmul_flops())  # probed before and after: the better of the two is the machine's
     ablations = []
     if args.ablations:
@@ -180,7 +180,7 @@ def main() -> None:
             print(f"{stage:<9} {arm:<10} {s['min']:>10.0f} {s['median']:>8.0f} {s['max']:>8.0f}", end="")
             if arm == "dapt":
                 speedup = s["median"] / spread(tps[(stage, "reference")])["median"]
-                r = spread(ratios[stage])
+                r = spread([d / ref for d, ref in zip(tps[(stage, "dapt")], tps[(stage, "reference")])])
                 print(f"   {speedup:.2f}x ({r['min']:.2f}-{r['max']:.2f})", end="")
                 line.update({f"{stage}_speedup": round(speedup, 3), f"{stage}_speedup_min": round(r["min"], 3),
                              f"{stage}_speedup_max": round(r["max"], 3)})
