@@ -24,7 +24,14 @@ class StopRequested(Exception):
 
 
 class TrainingFailed(Exception):
-    """Training cannot continue from here (not the user's input, not a requeue); one line, exit 3."""
+    """Training cannot continue from here (not the user's input, not a requeue); one line, exit 3.
+
+    `on_every_rank`: every rank raises it at the same step (a collective decision, e.g. DeepSpeed's
+    all-reduced overflow check), so the ranks may wait for each other before exiting."""
+
+    def __init__(self, message: str, on_every_rank: bool = False):
+        super().__init__(message)
+        self.on_every_rank = on_every_rank
 
 
 def first_line(exc: BaseException) -> str:

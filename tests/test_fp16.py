@@ -333,7 +333,7 @@ def test_loss_scale_floor_is_one_line_and_exit_3(tmp_path, tiny_model, demo_file
     assert rc == EXIT_TRAINING_FAILED, f"exit {rc}\n{out_text[-3000:]}\n{err_text[-3000:]}"
     assert "Traceback" not in err_text and "Traceback" not in out_text, err_text[-3000:]
     lines = [ln for ln in err_text.splitlines() if "dapt: error:" in ln]
-    assert sorted(ln.split("]")[0] for ln in lines) == ["[rank 0", "[rank 1"], lines  # one line per rank
+    assert sorted(ln.split("]")[0] for ln in lines) == ["[rank 0", "[rank 1"], err_text[-3000:]  # one line per rank
     for line in lines:
         assert "FP16 loss scale at its minimum (1) and the gradients still overflow, at optimizer step 6" in line, line
         assert "BF16" in line and "lower learning_rate (now 0.001)" in line and f"--resume {ckpts}/<tag>" in line, line

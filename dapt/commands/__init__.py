@@ -23,7 +23,10 @@ def _report(msg: str) -> None:
     # Under a multi-rank launch every rank reports; the prefix says which.
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     prefix = f"[rank {os.environ.get('RANK', '?')}] " if world > 1 else ""
-    print(f"{prefix}dapt: error: {msg}", file=sys.stderr, flush=True)
+    # One write per line: ranks share the launcher's stderr, and print() writes the text and its newline
+    # separately, so two ranks failing together could run their lines into one.
+    sys.stderr.write(f"{prefix}dapt: error: {msg}\n")
+    sys.stderr.flush()
 
 
 def command(main: Callable[..., T]) -> Callable[..., T]:
@@ -44,6 +47,11 @@ def command(main: Callable[..., T]) -> Callable[..., T]:
             sys.exit(EXIT_USAGE)
         except TrainingFailed as exc:
             _report(str(exc))
+            if exc.on_every_rank:
+                # The launcher kills the other ranks as soon as one exits, which can cut a slower rank's
+                # line: wait until every rank has reported. Imported here: only training commands get here.
+                from dapt.distributed import barrier
+                barrier()
             sys.exit(EXIT_TRAINING_FAILED)
         except StopRequested:
             sys.exit(EXIT_REQUEUE)

@@ -344,7 +344,7 @@ class Trainer:
                 f"overflow, at optimizer step {self.position.step + 1}: train in BF16 (e.g. ds_configs/zero2_bf16.json) "
                 f"or with a lower learning_rate (now {self.cfg.learning_rate:g}), or resume from an earlier "
                 f"checkpoint (--resume {self.layout.checkpoints}/<tag>); last good checkpoint: {last_good}, "
-                "nothing saved over it") from None
+                "nothing saved over it", on_every_rank=True) from None
 
     def log_window(self, progress: float) -> None:
         """One record of the steps since the last one: loss, lr, throughput, grad norm, loss scale."""
