@@ -22,7 +22,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -78,10 +80,11 @@ def reference(stage: str, data: Path, model: str, max_length: int, batch: int, o
     return {"seconds": seconds, "real_tokens": real_tokens}
 
 
-def dapt_run(stage: str, data: Path, max_length: int, batch: int, out: Path, flags: list[str], ranks: int = 2) -> dict:
+def dapt_run(stage: str, name: str, data: Path, max_length: int, batch: int, out: Path, flags: list[str],
+             ranks: int = 2) -> dict:
     """dapt on `ranks` ranks (each with cores / ranks threads); seconds of the training loop (summary.json)
     and real tokens it trained on."""
-    run_dir = out / f"dapt-{stage}-{'-'.join(f.strip('-') for f in flags) or 'all'}"
+    run_dir = out / f"{stage}-{name}"
     cmd = [*deepspeed_command(f"{stage}.py", ranks),
            "--model_name_or_path", "minilm-l6", "--data_files", str(data), "--output_dir", str(run_dir),
            "--overwrite_output_dir", "--ds_config", "ds_configs/zero2_auto.json", "--max_seq_length", str(max_length),
@@ -91,8 +94,12 @@ def dapt_run(stage: str, data: Path, max_length: int, batch: int, out: Path, fla
     run_logged(cmd, run_dir.with_suffix(".log"))
     summary = json.loads((run_dir / "summary.json").read_text())
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    tokens = sum(r["tokens_per_s"] * r["step_time_s"] for r in records if "tokens_per_s" in r)
-    return {"seconds": summary["train_seconds"], "real_tokens": int(round(tokens))}
+    # Every step is logged (--logging_steps 1), so each record's window is one step: its seconds are the
+    # step's, and the steps' sum is the loop without the epoch-end checkpoint save (the reference saves nothing).
+    steps = [r for r in records if "tokens_per_s" in r]
+    seconds = sum(r["step_time_s"] for r in steps)
+    tokens = sum(r["tokens_per_s"] * r["step_time_s"] for r in steps)
+    return {"seconds": seconds, "real_tokens": round(tokens), "epoch_end_s": summary["train_seconds"] - seconds}
 
 
 def matmul_flops(seconds: float = 3.0) -> float:
@@ -123,6 +130,22 @@ def mlm_flops_per_token(model: str, seq_len: int, mask_rate: float = 0.15) -> fl
     return dense + 6 * mask_rate * config.hidden_size * config.vocab_size
 
 
+def parse_variant(spec: str, common: list[str], stages: list[str]) -> tuple[str, tuple[int, list[str], list[str]]]:
+    """'[STAGE:]NAME=[ranks=N] FLAGS' -> (NAME, (ranks, common flags + FLAGS, the stages it runs in))."""
+    name, sep, rest = spec.partition("=")
+    stage, colon, short = name.partition(":")
+    if colon:
+        if stage not in stages:
+            sys.exit(f"--variant {spec!r}: stage {stage!r} is not one of {stages}")
+        name, stages = short, [stage]
+    if not sep or not name:
+        sys.exit(f"--variant {spec!r}: expected [STAGE:]NAME=[ranks=N] FLAGS")
+    words, ranks = shlex.split(rest), 2
+    if words and words[0].startswith("ranks="):
+        ranks = int(words.pop(0).split("=", 1)[1])
+    return name, (ranks, [*common, *words], stages)
+
+
 def spread(values: list[float]) -> dict:
     return {"min": min(values), "median": statistics.median(values), "max": max(values)}
 
@@ -138,6 +161,9 @@ def main() -> None:
     ap.add_argument("--ablations", action="store_true", help="also one run per speed switch turned off")
     ap.add_argument("--stages", nargs="+", choices=["mlm", "finetune"], default=["mlm", "finetune"])
     ap.add_argument("--dapt_ranks", type=int, default=2, help="dapt's ranks (threads each: cores / ranks)")
+    ap.add_argument("--variant", action="append", default=[], metavar="[STAGE:]NAME=[ranks=N] FLAGS",
+                    help="another dapt arm, interleaved with the others (repeatable), in every stage or in one: "
+                         "e.g. 'zero1=--ds_config ds_configs/zero1_auto.json' or 'finetune:1x2=ranks=1'")
     ap.add_argument("--dapt_args", nargs=argparse.REMAINDER, default=[],
                     help="extra flags for every dapt run (a candidate change measured against the same reference)")
     args = ap.parse_args()
@@ -149,42 +175,57 @@ def main() -> None:
     model = resolve_model("minilm-l6")
     data = sample(args.data, args.out, args.reviews, seed=0)
     peak = matmul_flops()
+    arms = {"dapt": (args.dapt_ranks, args.dapt_args, args.stages),
+            **dict(parse_variant(v, args.dapt_args, args.stages) for v in args.variant)}
     tps: dict[tuple[str, str], list[float]] = {}
-    for rep in range(args.reps):  # interleaved: a slow spell of a shared machine hits both arms alike
+    epoch_end: list[float] = []
+    for rep in range(args.reps):  # interleaved: a slow spell of a shared machine hits every arm alike
         for stage in args.stages:
             ref = reference(stage, data, model, args.max_length, args.batch, args.out)
-            ours = dapt_run(stage, data, args.max_length, args.batch, args.out, args.dapt_args, args.dapt_ranks)
-            for arm, r in (("reference", ref), ("dapt", ours)):
+            tps.setdefault((stage, "reference"), []).append(ref["real_tokens"] / ref["seconds"])
+            for arm, (ranks, flags, arm_stages) in arms.items():
+                if stage not in arm_stages:
+                    continue
+                r = dapt_run(stage, arm, data, args.max_length, args.batch, args.out, flags, ranks)
                 tps.setdefault((stage, arm), []).append(r["real_tokens"] / r["seconds"])
-            ref_tps, ours_tps = tps[(stage, "reference")][-1], tps[(stage, "dapt")][-1]
-            print(f"rep {rep + 1}/{args.reps} {stage}: reference {ref_tps:.0f} tok/s, dapt {ours_tps:.0f} tok/s "
-                  f"({ours_tps / ref_tps:.2f}x)", flush=True)
+                epoch_end.append(r["epoch_end_s"])
+            print(f"rep {rep + 1}/{args.reps} {stage}: " + ", ".join(
+                f"{arm} {tps[(stage, arm)][-1]:.0f} tok/s" for arm in ["reference", *arms] if (stage, arm) in tps),
+                flush=True)
     peak = max(peak, matmul_flops())  # probed before and after: the better of the two is the machine's
     ablations = []
     if args.ablations:
         switches = {"mlm": ["--packing", "--sparse_mlm_head"], "finetune": ["--length_bucketing", "--cls_only_last_layer"]}
         for stage in args.stages:
             for switch in switches[stage]:
-                r = dapt_run(stage, data, args.max_length, args.batch, args.out, [*args.dapt_args, switch, "false"],
-                             args.dapt_ranks)
+                r = dapt_run(stage, f"no-{switch[2:]}", data, args.max_length, args.batch, args.out,
+                             [*args.dapt_args, switch, "false"], args.dapt_ranks)
                 ablations.append((stage, switch[2:], r["real_tokens"] / r["seconds"]))
     print(f"\n{args.reviews} IMDB reviews, max_length {args.max_length}, effective batch {args.batch}, 1 epoch, "
           f"MiniLM-L6 (22.7M), {os.cpu_count()} CPU cores, {args.reps} interleaved repetitions, "
           f"dapt on {args.dapt_ranks} rank(s)"
           + (f", dapt flags: {' '.join(args.dapt_args)}" if args.dapt_args else ""))
-    print(f"{'stage':<9} {'arm':<10} {'min tok/s':>10} {'median':>8} {'max':>8}   ratio of medians (per-rep min-max)")
+    width = max(10, *map(len, arms))
+    print(f"{'stage':<9} {'arm':<{width}} {'min tok/s':>10} {'median':>8} {'max':>8}   "
+          "vs reference: ratio of medians (per-rep min-max)")
     line: dict = {}
     for stage in args.stages:
-        for arm in ("reference", "dapt"):
+        ref = tps[(stage, "reference")]
+        for arm in ["reference", *arms]:
+            if (stage, arm) not in tps:
+                continue
             s = spread(tps[(stage, arm)])
-            print(f"{stage:<9} {arm:<10} {s['min']:>10.0f} {s['median']:>8.0f} {s['max']:>8.0f}", end="")
-            if arm == "dapt":
-                speedup = s["median"] / spread(tps[(stage, "reference")])["median"]
-                r = spread([d / ref for d, ref in zip(tps[(stage, "dapt")], tps[(stage, "reference")])])
+            print(f"{stage:<9} {arm:<{width}} {s['min']:>10.0f} {s['median']:>8.0f} {s['max']:>8.0f}", end="")
+            if arm != "reference":
+                speedup = s["median"] / spread(ref)["median"]
+                r = spread([d / b for d, b in zip(tps[(stage, arm)], ref)])
                 print(f"   {speedup:.2f}x ({r['min']:.2f}-{r['max']:.2f})", end="")
-                line.update({f"{stage}_speedup": round(speedup, 3), f"{stage}_speedup_min": round(r["min"], 3),
-                             f"{stage}_speedup_max": round(r["max"], 3)})
+                key = stage if arm == "dapt" else f"{stage}_{arm}"
+                line.update({f"{key}_speedup": round(speedup, 3), f"{key}_speedup_min": round(r["min"], 3),
+                             f"{key}_speedup_max": round(r["max"], 3)})
             print()
+    print(f"(dapt's tok/s are its logged steps; its epoch-end checkpoint save, {min(epoch_end):.1f}-{max(epoch_end):.1f} s "
+          "a run, is left out as the reference saves nothing)")
     for stage, switch, value in ablations:
         median = spread(tps[(stage, "dapt")])["median"]
         print(f"{stage:<9} dapt without {switch}: {value:.0f} tok/s (all switches' median / this: {median / value:.2f}x)")
