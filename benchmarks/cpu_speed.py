@@ -9,13 +9,15 @@ effective batch, one epoch each, in one run on this machine:
   (c) with --ablations: dapt with one switch off at a time (packing, sparse MLM head, length
       bucketing, [CLS]-only last layer), once each.
 Each arm runs `--reps` times, interleaved (reference, dapt, reference, dapt, ...), so that a slow
-spell of a shared machine hits both; speed is real (non-padding) tokens per second of the training
-loop (start-up excluded on both sides). Prints per arm the min / median / max, the ratio of the
+spell of a shared machine hits both; `--variant` adds candidate dapt arms to the same interleaving.
+Speed is real (non-padding) tokens per second of the training loop: start-up excluded on both sides,
+and dapt's epoch-end checkpoint save too (the reference saves nothing). Prints per arm the min / median / max, the ratio of the
 medians with the per-repetition ratios' range, this machine's attainable FP32 FLOP/s (a matmul probe)
 and the share of it dapt's MLM reaches in model FLOPs, and ends with one JSON line: mlm_speedup and
 finetune_speedup (ratios of medians) with their _min/_max.
 
-    .venv/bin/python benchmarks/cpu_speed.py [--reviews 256] [--reps 3] [--ablations] [--dapt_args ...]
+    .venv/bin/python benchmarks/cpu_speed.py [--reviews 256] [--reps 3] [--ablations]
+        [--variant '[STAGE:]NAME=[ranks=N] FLAGS' ...] [--dapt_args ...]
 """
 from __future__ import annotations
 
@@ -102,11 +104,12 @@ def dapt_run(stage: str, name: str, data: Path, max_length: int, batch: int, out
     return {"seconds": seconds, "real_tokens": round(tokens), "epoch_end_s": summary["train_seconds"] - seconds}
 
 
-def matmul_flops(seconds: float = 3.0) -> float:
-    """This machine's attainable FP32 FLOP/s: square matmuls on all cores (the ceiling a model reaches)."""
+def matmul_flops(seconds: float = 3.0, threads: int | None = None) -> float:
+    """This machine's attainable FP32 FLOP/s: square matmuls on all cores, or on `threads` threads (the
+    ceiling a model reaches)."""
     import torch
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(threads or os.cpu_count() or 1)
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
     for _ in range(3):
         a @ b  # warm-up
@@ -169,14 +172,14 @@ def main() -> None:
     args = ap.parse_args()
     if args.reps < 1:
         ap.error("--reps must be >= 1")
+    arms = {"dapt": (args.dapt_ranks, args.dapt_args, args.stages),
+            **dict(parse_variant(v, args.dapt_args, args.stages) for v in args.variant)}
     os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     from dapt.model.loading import resolve_model
 
     model = resolve_model("minilm-l6")
     data = sample(args.data, args.out, args.reviews, seed=0)
     peak = matmul_flops()
-    arms = {"dapt": (args.dapt_ranks, args.dapt_args, args.stages),
-            **dict(parse_variant(v, args.dapt_args, args.stages) for v in args.variant)}
     tps: dict[tuple[str, str], list[float]] = {}
     epoch_end: list[float] = []
     for rep in range(args.reps):  # interleaved: a slow spell of a shared machine hits every arm alike

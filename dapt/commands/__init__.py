@@ -29,6 +29,14 @@ def _report(msg: str) -> None:
     sys.stderr.flush()
 
 
+def _wait_for_the_other_ranks() -> None:
+    """The launcher kills the other ranks as soon as one exits, which can cut a slower rank's line: wait
+    until every rank has reported. torch is only looked up, not imported: a training command loaded it."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
 def command(main: Callable[..., T]) -> Callable[..., T]:
     """Wrap a command's main(): map dapt's exceptions to one line and an exit code."""
 
@@ -48,10 +56,7 @@ def command(main: Callable[..., T]) -> Callable[..., T]:
         except TrainingFailed as exc:
             _report(str(exc))
             if exc.on_every_rank:
-                # The launcher kills the other ranks as soon as one exits, which can cut a slower rank's
-                # line: wait until every rank has reported. Imported here: only training commands get here.
-                from dapt.distributed import barrier
-                barrier()
+                _wait_for_the_other_ranks()
             sys.exit(EXIT_TRAINING_FAILED)
         except StopRequested:
             sys.exit(EXIT_REQUEUE)

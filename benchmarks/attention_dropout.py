@@ -1,0 +1,78 @@
+#!/usr/bin/env python
+"""What BERT's attention dropout costs a training step on CPU (issue 15's profile).
+
+One MiniLM fine-tune step (forward, backward, AdamW), batch 8, one thread, at 128 / 256 / 512 tokens per
+row, three ways: attention dropout 0.1 as the recipe has it; 0.0 on SDPA's flash kernel; 0.0 forced onto
+SDPA's unfused math kernel. Dropout keeps SDPA off the flash kernel on CPU, so (0.1 - flash) is what
+dropout costs, split into the unfused path (math - flash) and the mask itself (0.1 - math). Also prints
+the matmul probe at 1 and 2 threads (why dapt runs one single-thread rank per core) and, with
+--profile, the top operators of one 512-token step with dropout.
+
+    .venv/bin/python benchmarks/attention_dropout.py [--profile]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+from common import ROOT  # noqa: F401  (dapt from this checkout on sys.path)
+
+
+def step_seconds(path: str, tokens: int, attn_dropout: float, math_kernel: bool, reps: int = 3,
+                 profile: bool = False) -> float:
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    config = AutoConfig.from_pretrained(path, attention_probs_dropout_prob=attn_dropout, num_labels=2)
+    model = AutoModelForSequenceClassification.from_pretrained(path, config=config, attn_implementation="sdpa")
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    x, y = torch.randint(1000, 20000, (8, tokens)), torch.randint(0, 2, (8,))
+
+    def step() -> None:
+        model(input_ids=x, labels=y).loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+    kernels = [SDPBackend.MATH] if math_kernel else [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
+    with sdpa_kernel(kernels):
+        step()  # warm-up
+        if profile:
+            with torch.profiler.profile() as prof:
+                step()
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+        start = time.perf_counter()
+        for _ in range(reps):
+            step()
+    return (time.perf_counter() - start) / reps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, nargs="+", default=[128, 256, 512])
+    ap.add_argument("--profile", action="store_true", help="top operators of one 512-token step with dropout")
+    args = ap.parse_args()
+    os.environ.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    from cpu_speed import matmul_flops
+
+    from dapt.model.loading import resolve_model
+
+    two, one = matmul_flops(), matmul_flops(threads=1)
+    print(f"matmul probe: 1 thread {one / 1e9:.1f} GFLOP/s, {os.cpu_count()} threads {two / 1e9:.1f} GFLOP/s "
+          f"({two / one:.2f}x)")
+    path = resolve_model("minilm-l6")
+    if args.profile:
+        step_seconds(path, 512, 0.1, False, reps=0, profile=True)
+    print("tokens  dropout 0.1  0.0 flash  0.0 math   dropout's share  of it: unfused path  of it: the mask")
+    for tokens in args.tokens:
+        drop, flash, math = (step_seconds(path, tokens, p, m) for p, m in ((0.1, False), (0.0, False), (0.0, True)))
+        print(f"{tokens:>6}  {drop:>9.2f} s  {flash:>7.2f} s  {math:>6.2f} s  {(drop - flash) / drop:>15.0%}  "
+              f"{(math - flash) / drop:>19.0%}  {(drop - math) / drop:>15.0%}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
