@@ -5,8 +5,8 @@ One MiniLM fine-tune step (forward, backward, AdamW), batch 8, one thread, at 12
 row, three ways: attention dropout 0.1 as the recipe has it; 0.0 on SDPA's flash kernel; 0.0 forced onto
 SDPA's unfused math kernel. Dropout keeps SDPA off the flash kernel on CPU, so (0.1 - flash) is what
 dropout costs, split into the unfused path (math - flash) and the mask itself (0.1 - math). Also prints
-the matmul probe at 1 and 2 threads (why dapt runs one single-thread rank per core) and, with
---profile, the top operators of one 512-token step with dropout.
+the matmul probe at 1 thread and on all cores and, with --profile, the top operators of one 512-token
+step with dropout.
 
     .venv/bin/python benchmarks/attention_dropout.py [--profile]
 """
@@ -21,6 +21,8 @@ from common import ROOT  # noqa: F401  (dapt from this checkout on sys.path)
 
 def step_seconds(path: str, tokens: int, attn_dropout: float, math_kernel: bool, reps: int = 3,
                  profile: bool = False) -> float:
+    """Mean seconds of `reps` training steps after a warm-up (with `profile`: also print one step's
+    operator table)."""
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from transformers import AutoConfig, AutoModelForSequenceClassification
@@ -48,7 +50,7 @@ def step_seconds(path: str, tokens: int, attn_dropout: float, math_kernel: bool,
         start = time.perf_counter()
         for _ in range(reps):
             step()
-    return (time.perf_counter() - start) / reps
+    return (time.perf_counter() - start) / max(reps, 1)
 
 
 def main() -> None:

@@ -11,8 +11,8 @@ effective batch, one epoch each, in one run on this machine:
 Each arm runs `--reps` times, interleaved (reference, dapt, reference, dapt, ...), so that a slow
 spell of a shared machine hits both; `--variant` adds candidate dapt arms to the same interleaving.
 Speed is real (non-padding) tokens per second of the training loop: start-up excluded on both sides,
-and dapt's epoch-end checkpoint save too (the reference saves nothing). Prints per arm the min / median / max, the ratio of the
-medians with the per-repetition ratios' range, this machine's attainable FP32 FLOP/s (a matmul probe)
+and dapt's epoch-end checkpoint save too (the reference saves nothing). Prints per arm the
+min / median / max, the ratio of the medians with the per-repetition ratios' range, this machine's attainable FP32 FLOP/s (a matmul probe)
 and the share of it dapt's MLM reaches in model FLOPs, and ends with one JSON line: mlm_speedup and
 finetune_speedup (ratios of medians) with their _min/_max.
 
@@ -84,8 +84,8 @@ def reference(stage: str, data: Path, model: str, max_length: int, batch: int, o
 
 def dapt_run(stage: str, name: str, data: Path, max_length: int, batch: int, out: Path, flags: list[str],
              ranks: int = 2) -> dict:
-    """dapt on `ranks` ranks (each with cores / ranks threads); seconds of the training loop (summary.json)
-    and real tokens it trained on."""
+    """dapt on `ranks` ranks (each with cores / ranks threads): seconds of its logged steps, the real tokens
+    it trained on, and the seconds left out at the epoch's end (summary.json's train_seconds minus the steps)."""
     run_dir = out / f"{stage}-{name}"
     cmd = [*deepspeed_command(f"{stage}.py", ranks),
            "--model_name_or_path", "minilm-l6", "--data_files", str(data), "--output_dir", str(run_dir),
@@ -133,8 +133,10 @@ def mlm_flops_per_token(model: str, seq_len: int, mask_rate: float = 0.15) -> fl
     return dense + 6 * mask_rate * config.hidden_size * config.vocab_size
 
 
-def parse_variant(spec: str, common: list[str], stages: list[str]) -> tuple[str, tuple[int, list[str], list[str]]]:
-    """'[STAGE:]NAME=[ranks=N] FLAGS' -> (NAME, (ranks, common flags + FLAGS, the stages it runs in))."""
+def parse_variant(spec: str, common: list[str], stages: list[str],
+                  ranks: int) -> tuple[str, tuple[int, list[str], list[str]]]:
+    """'[STAGE:]NAME=[ranks=N] FLAGS' -> (NAME, (ranks, common flags + FLAGS, the stages it runs in));
+    `ranks` unless the spec names its own."""
     name, sep, rest = spec.partition("=")
     stage, colon, short = name.partition(":")
     if colon:
@@ -143,9 +145,12 @@ def parse_variant(spec: str, common: list[str], stages: list[str]) -> tuple[str,
         name, stages = short, [stage]
     if not sep or not name:
         sys.exit(f"--variant {spec!r}: expected [STAGE:]NAME=[ranks=N] FLAGS")
-    words, ranks = shlex.split(rest), 2
+    words = shlex.split(rest)
     if words and words[0].startswith("ranks="):
-        ranks = int(words.pop(0).split("=", 1)[1])
+        value = words.pop(0).split("=", 1)[1]
+        if not value.isdigit() or int(value) < 1:
+            sys.exit(f"--variant {spec!r}: ranks must be a whole number >= 1, got {value!r}")
+        ranks = int(value)
     return name, (ranks, [*common, *words], stages)
 
 
@@ -173,7 +178,7 @@ def main() -> None:
     if args.reps < 1:
         ap.error("--reps must be >= 1")
     arms = {"dapt": (args.dapt_ranks, args.dapt_args, args.stages),
-            **dict(parse_variant(v, args.dapt_args, args.stages) for v in args.variant)}
+            **dict(parse_variant(v, args.dapt_args, args.stages, args.dapt_ranks) for v in args.variant)}
     os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     from dapt.model.loading import resolve_model
 
