@@ -2,9 +2,11 @@
 """What BERT's attention dropout costs a training step on CPU (issue 15's profile).
 
 One MiniLM fine-tune step (forward, backward, AdamW), batch 8, one thread, at 128 / 256 / 512 tokens per
-row, three ways: attention dropout 0.1 as the recipe has it; 0.0 on SDPA's flash kernel; 0.0 forced onto
-SDPA's unfused math kernel. Dropout keeps SDPA off the flash kernel on CPU, so (0.1 - flash) is what
-dropout costs, split into the unfused path (math - flash) and the mask itself (0.1 - math). Also prints
+row, four ways: attention dropout 0.1 as the recipe has it, on SDPA and on dapt's chunked kernel
+(dapt/model/attention.py, what attn_implementation auto runs for CPU training); 0.0 on SDPA's flash
+kernel; 0.0 forced onto SDPA's unfused math kernel. Dropout keeps SDPA off the flash kernel on CPU, so
+(0.1 - flash) is what dropout costs, split into the unfused path (math - flash) and the mask itself
+(0.1 - math); the chunked column says how much of it dapt's kernel wins back. Also prints
 the matmul probe at 1 thread and on all cores and, with --profile, the top operators of one 512-token
 step with dropout.
 
@@ -20,17 +22,20 @@ from common import ROOT  # noqa: F401  (dapt from this checkout on sys.path)
 
 
 def step_seconds(path: str, tokens: int, attn_dropout: float, math_kernel: bool, reps: int = 3,
-                 profile: bool = False) -> float:
+                 profile: bool = False, attn: str = "sdpa") -> float:
     """Mean seconds of `reps` training steps after a warm-up (with `profile`: also print one step's
     operator table)."""
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
+    from dapt.model.attention import hf_attn_implementation
+
     torch.set_num_threads(1)
     torch.manual_seed(0)
     config = AutoConfig.from_pretrained(path, attention_probs_dropout_prob=attn_dropout, num_labels=2)
-    model = AutoModelForSequenceClassification.from_pretrained(path, config=config, attn_implementation="sdpa")
+    model = AutoModelForSequenceClassification.from_pretrained(path, config=config,
+                                                               attn_implementation=hf_attn_implementation(attn))
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     x, y = torch.randint(1000, 20000, (8, tokens)), torch.randint(0, 2, (8,))
@@ -69,11 +74,14 @@ def main() -> None:
     path = resolve_model("minilm-l6")
     if args.profile:
         step_seconds(path, 512, 0.1, False, reps=0, profile=True)
-    print("tokens  dropout 0.1  0.0 flash  0.0 math   dropout's share  of it: unfused path  of it: the mask")
+    print("tokens  dropout 0.1  0.0 flash  0.0 math   dropout's share  of it: unfused path  of it: the mask"
+          "  0.1 chunked  chunked vs 0.1")
     for tokens in args.tokens:
         drop, flash, math = (step_seconds(path, tokens, p, m) for p, m in ((0.1, False), (0.0, False), (0.0, True)))
+        chunked = step_seconds(path, tokens, 0.1, False, attn="chunked")
         print(f"{tokens:>6}  {drop:>9.2f} s  {flash:>7.2f} s  {math:>6.2f} s  {(drop - flash) / drop:>15.0%}  "
-              f"{(math - flash) / drop:>19.0%}  {(drop - math) / drop:>15.0%}", flush=True)
+              f"{(math - flash) / drop:>19.0%}  {(drop - math) / drop:>15.0%}  {chunked:>9.2f} s  "
+              f"{drop / chunked:>12.2f}x", flush=True)
 
 
 if __name__ == "__main__":

