@@ -23,6 +23,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("mlm", "finetune", "evaluate", "export")
 TRUNCATIONS = ("head", "head+tail")
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "chunked")  # see dapt/model/attention.py
+OPTIMIZERS = ("auto", "torch_adamw", "fused_adam", "cpu_adam")  # see dapt/train/optim.py
 ID2LABEL = {0: "negative", 1: "positive"}
 
 
@@ -67,7 +68,11 @@ class TrainConfig(DataConfig):
     effective_batch_size: int = 64
     micro_batch_size: int = 16
     eval_batch_size: int = 64
-    # AdamW with linear warmup then linear decay to zero.
+    # AdamW with linear warmup then linear decay to zero. optimizer: auto (torch's AdamW, fused on GPUs:
+    # nothing to compile; DeepSpeed's CPU Adam when ZeRO offloads the optimizer; DeepSpeed's FusedAdam only
+    # when it was pre-built into the install), torch_adamw, fused_adam (DeepSpeed's, JIT-built on first
+    # use) or cpu_adam (DeepSpeed's, for offload or CPU ranks). All are AdamW with the values below.
+    optimizer: str = "auto"
     learning_rate: float = 2e-5
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -81,7 +86,12 @@ class TrainConfig(DataConfig):
     validation_split: float = 0.02
     logging_steps: int = 50
     eval_steps: int = 0  # 0 = evaluate at the end of each epoch only
-    num_workers: int = 0  # DataLoader workers per rank
+    # DataLoader workers per rank: -1 = auto (2 on accelerators, with pinned memory, so the next step's
+    # micro-batches are collated while this one runs; 0 on CPU, where workers would take the ranks' cores).
+    num_workers: int = -1
+    # Recompute each encoder layer's activations in backward instead of storing them (Hugging Face's
+    # gradient checkpointing): less memory for a longer step (~30% more compute).
+    gradient_checkpointing: bool = False
     # Best-checkpoint selection on the held-out split (dapt/train/selection.py): none (export the last
     # step; the default, as the reference recipe), fine-tune: accuracy or f1_macro, MLM: loss. The best
     # checkpoint is pinned and exported. Early stopping after this many evaluations without improvement
@@ -323,8 +333,11 @@ def _validate_training(cfg: TrainConfig) -> None:
     for name in ("effective_batch_size", "micro_batch_size", "eval_batch_size", "num_epochs", "logging_steps",
                  "keep_last"):
         _range(cfg, name, 1)
-    for name in ("eval_steps", "save_steps", "num_workers", "weight_decay", "peak_tflops"):
+    for name in ("eval_steps", "save_steps", "weight_decay", "peak_tflops"):
         _range(cfg, name, 0)
+    _range(cfg, "num_workers", -1, note=" (-1 = auto)")
+    if cfg.optimizer not in OPTIMIZERS:
+        raise DaptError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {cfg.optimizer!r}")
     _range(cfg, "max_grad_norm", 0, note=" (0 = no clipping)")
     _range(cfg, "learning_rate", 0, low_open=True)
     _range(cfg, "adam_epsilon", 0, low_open=True)

@@ -70,6 +70,28 @@ def _single_process_env() -> str:
     return "single"
 
 
+def launcher_world_size() -> int | None:
+    """The world size the launcher's environment announces, read before any process group exists (so a
+    world size the recipe cannot run fails before data, model or rendezvous). Mirrors
+    `_single_process_env`; None where only the MPI library knows (another MPI launcher without PMI_SIZE)."""
+    env = os.environ
+    if dist.is_available() and dist.is_initialized():  # a caller's own process group
+        return dist.get_world_size()
+    try:
+        if "RANK" in env:
+            return int(env.get("WORLD_SIZE", "1"))
+        if "OMPI_COMM_WORLD_RANK" in env:
+            return int(env["OMPI_COMM_WORLD_SIZE"])
+        if "SLURM_PROCID" in env and ("SLURM_STEP_ID" in env or "SLURM_STEPID" in env):
+            return int(env.get("SLURM_STEP_NUM_TASKS") or env["SLURM_NTASKS"])
+        if "PMI_RANK" in env or "PMIX_RANK" in env:
+            return int(env["PMI_SIZE"]) if "PMI_SIZE" in env else None
+    except (KeyError, ValueError) as e:
+        raise DaptError(f"the launcher's environment gives no usable world size ({e}); "
+                        "check WORLD_SIZE / SLURM_NTASKS / OMPI_COMM_WORLD_SIZE") from None
+    return 1
+
+
 def _dapt_master_addr() -> str | None:
     """DAPT_MASTER_ADDR, when set and not empty."""
     return os.environ.get("DAPT_MASTER_ADDR", "").strip() or None
@@ -238,16 +260,38 @@ def setup_distributed(timeout_minutes: float | None = None) -> DistInfo:
     if started and rank == 0:
         print(rendezvous_line(launcher, world, backend), flush=True)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    # torchrun sets LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or world)
+    # Every rank's host threads (collation, the optimizer on CPU, tokenisers) share the node's cores.
+    _cpu_threads(local_world)
     if acc.device_name() == "cpu":
         atexit.register(_release_cpu_shm_buffer, rank)
-        # torchrun sets LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE
-        _cpu_threads(int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or world))
         device = torch.device("cpu")
     else:
-        acc.set_device(local_rank)
-        device = torch.device(acc.device_name(local_rank))
+        device = bind_device(acc, local_rank, local_world)
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device, backend=backend,
                     owns_group=started)
+
+
+def device_index(local_rank: int, visible: int) -> int:
+    """This rank's device among the `visible` ones. All of a node's GPUs visible (one task per GPU, all
+    bound to every task): local rank i takes GPU i. Per-task binding (`--gpus-per-task=1`,
+    `--gpu-bind=single`, a site default) leaves each task its own one: index 0, whatever its local rank.
+    Between the two (a GPU per 2 tasks, say) ranks share modulo the count."""
+    if visible < 1:
+        raise DaptError("no accelerator device is visible to this rank (CUDA_VISIBLE_DEVICES empty, or the job "
+                        "got no GPU: sbatch --gres=gpu:N / --gpus-per-task=1)")
+    return local_rank % visible
+
+
+def bind_device(acc: Any, local_rank: int, local_world: int) -> torch.device:
+    """Select and return this rank's device on the accelerator `acc` (DeepSpeed's)."""
+    visible = acc.device_count()
+    index = device_index(local_rank, visible)
+    if 1 < visible < local_world and local_rank == 0:
+        print(f"dapt: warning: {local_world} ranks on this node share {visible} visible devices", flush=True)
+    acc.set_device(index)
+    return torch.device(acc.device_name(index))
 
 
 def comm_device(info: DistInfo) -> torch.device:
@@ -286,6 +330,46 @@ def main_process_first(info: DistInfo) -> Iterator[None]:
         yield
     finally:
         if info.is_main:
+            barrier()
+
+
+CACHE_SCOPES = ("shared", "node")
+
+
+def cache_scope() -> str:
+    """Where the datasets cache (HF_DATASETS_CACHE) lives, from DAPT_CACHE_SCOPE: `shared` (default: one
+    filesystem that every node sees) or `node` (node-local disk, e.g. $TMPDIR on a compute node)."""
+    value = os.environ.get("DAPT_CACHE_SCOPE", "").strip().lower() or "shared"
+    if value not in CACHE_SCOPES:
+        raise DaptError(f"DAPT_CACHE_SCOPE={os.environ['DAPT_CACHE_SCOPE']}: expected shared or node "
+                        "(where the datasets cache is: one filesystem for all nodes, or each node's own disk)")
+    return value
+
+
+def is_cache_first(info: DistInfo, scope: str | None = None) -> bool:
+    """Whether this rank fills its datasets cache: global rank 0 for a shared cache, the local rank 0
+    (LOCAL_RANK, set by every launcher) of each node for node-local caches."""
+    return info.local_rank == 0 if (scope or cache_scope()) == "node" else info.is_main
+
+
+@contextlib.contextmanager
+def node_main_first(info: DistInfo, scope: str | None = None) -> Iterator[None]:
+    """`main_process_first` per datasets cache: the first rank of each cache runs the block (reads the
+    data, tokenises it, writes the cache) while the other ranks wait; then they run it and reuse that
+    cache. With DAPT_CACHE_SCOPE=shared (the default) that is global rank 0, as main_process_first;
+    with DAPT_CACHE_SCOPE=node it is each node's local rank 0, so every node tokenises once into its own
+    cache instead of once per rank (or, with rank 0 first, every rank of the other nodes at once).
+
+    One global barrier: the first ranks reach it after the block, the others before it, so every rank
+    calls it exactly once and no per-node process group is needed. A non-first rank enters the block
+    (and so calls the hub's `load_dataset`) only after every first rank has left it."""
+    first = is_cache_first(info, scope)
+    if not first:
+        barrier()
+    try:
+        yield
+    finally:
+        if first:
             barrier()
 
 

@@ -5,6 +5,7 @@ from conftest import ROOT
 
 from dapt.config import EvalConfig, FinetuneConfig, MLMConfig, parse_config, warmup_steps
 from dapt.errors import DaptError
+from dapt.train.batch_plan import plan_batch
 from dapt.train.engine import build_ds_config, load_ds_config, resolve_precision
 
 
@@ -50,7 +51,8 @@ RANGE_CASES = [
     ("finetune", ["--micro_batch_size", "0"], "micro_batch_size must be >= 1, got 0"),
     ("finetune", ["--keep_last", "0"], "keep_last must be >= 1, got 0"),
     ("finetune", ["--save_steps", "-5"], "save_steps must be >= 0, got -5"),
-    ("finetune", ["--num_workers", "-1"], "num_workers must be >= 0, got -1"),
+    ("finetune", ["--num_workers", "-2"], "num_workers must be >= -1 (-1 = auto), got -2"),
+    ("finetune", ["--optimizer", "sgd"], "optimizer must be one of auto, torch_adamw, fused_adam, cpu_adam, got 'sgd'"),
     ("finetune", ["--adam_beta1", "1.0"], "adam_beta1 must be in [0, 1), got 1.0"),
     ("finetune", ["--adam_epsilon", "0"], "adam_epsilon must be > 0, got 0.0"),
     ("finetune", ["--weight_decay", "-0.1"], "weight_decay must be >= 0, got -0.1"),
@@ -103,21 +105,77 @@ def _ds(tmp_path, obj):
     return str(path)
 
 
-@pytest.mark.parametrize("world, accum", [(1, 4), (2, 2), (4, 1)])
-def test_effective_batch_is_fixed_across_world_sizes(world, accum):
+def _plan(cfg, world):
+    return plan_batch(cfg.effective_batch_size, cfg.micro_batch_size, world)
+
+
+# The reference recipe (64 = 16 x accumulation x world) at every world size the launchers start.
+@pytest.mark.parametrize("world, micro, accum", [(1, 16, 4), (2, 16, 2), (4, 16, 1), (8, 8, 1), (16, 4, 1),
+                                                 (32, 2, 1), (64, 1, 1)])
+def test_effective_batch_is_fixed_across_world_sizes(world, micro, accum):
     cfg = MLMConfig(output_dir="o")
     path = "ds_configs/zero2_auto.json"
-    ds = build_ds_config(cfg, load_ds_config(path), path, world, 1000)
-    assert ds["gradient_accumulation_steps"] == accum
-    assert ds["train_batch_size"] == 64 == ds["train_micro_batch_size_per_gpu"] * accum * world
-    assert ds["optimizer"]["params"]["lr"] == 2e-5 and ds["scheduler"]["params"]["warmup_num_steps"] == 500
+    plan = _plan(cfg, world)
+    ds = build_ds_config(cfg, load_ds_config(path), path, plan, 1000)
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (micro, accum)
+    assert ds["train_batch_size"] == 64 == micro * accum * world
+    assert plan.shrunk == (micro != 16)
+    assert ds["scheduler"]["params"]["warmup_num_steps"] == 500 and "optimizer" not in ds  # dapt builds it
     assert ds["scheduler"]["params"]["total_num_steps"] == 1000
 
 
-def test_indivisible_batch_is_an_error():
-    cfg = MLMConfig(output_dir="o", effective_batch_size=64, micro_batch_size=16)
-    with pytest.raises(DaptError, match="not divisible by micro_batch_size 16 x world size 3"):
-        build_ds_config(cfg, load_ds_config("ds_configs/zero2_auto.json"), "x", 3, 100)
+def test_batch_plan_lines():
+    note = plan_batch(64, 16, 8).note()
+    assert note == ("micro_batch_size 16 -> 8: 16 exceeds each rank's share of the effective batch "
+                    "(64 / 8 ranks = 8); accumulation 1")
+    # a micro batch that does not divide the share shrinks to the largest that does (never above the budget)
+    plan = plan_batch(64, 24, 1)
+    assert (plan.micro, plan.accumulation) == (16, 4) and "does not divide" in plan.note()
+    assert plan_batch(64, 16, 2).note() == ""
+    assert plan_batch(96, 16, 12).as_dict() == {"effective": 96, "world_size": 12, "micro": 8, "accumulation": 1,
+                                                "requested_micro": 16}
+
+
+@pytest.mark.parametrize("world", [3, 6, 24, 48, 128])
+def test_world_size_that_cannot_divide_the_batch_names_those_that_can(world):
+    with pytest.raises(DaptError) as err:
+        plan_batch(64, 16, world)
+    assert str(err.value).startswith(f"effective_batch_size 64 cannot be split over {world} ranks: world sizes "
+                                     "that can run it are 1, 2, 4, 8, 16, 32, 64")
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("env, world", [
+    ({"RANK": "3", "WORLD_SIZE": "8"}, 8),  # deepspeed, torchrun
+    ({"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "16"}, 16),  # mpirun
+    ({"SLURM_PROCID": "5", "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "8", "SLURM_NTASKS": "9"}, 8),  # srun
+    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "8"}, 1),  # the batch shell itself is no step task
+    ({"PMI_RANK": "1", "PMI_SIZE": "4"}, 4),
+    ({"PMIX_RANK": "1"}, None),  # only the MPI library knows
+    ({}, 1),
+])
+def test_launcher_world_size_is_read_before_the_rendezvous(monkeypatch, env, world):
+    from dapt.distributed import launcher_world_size
+
+    for key in ("RANK", "WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "SLURM_PROCID", "SLURM_STEP_ID",
+                "SLURM_STEPID", "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "PMI_RANK", "PMI_SIZE", "PMIX_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert launcher_world_size() == world
+
+
+def test_recipe_on_an_impossible_world_size_fails_before_anything_runs(tmp_path, monkeypatch):
+    """8 ranks take the recipe (micro 16 -> 8); 24 fail in check_inputs: before data, model or process group."""
+    from dapt.train.tasks import MLM
+    from dapt.train.trainer import Trainer
+
+    cfg = MLMConfig(output_dir=str(tmp_path / "out"), model_name_or_path=str(ROOT / "tests"), ds_config="ds_configs/zero2_auto.json")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "24")
+    with pytest.raises(DaptError, match="cannot be split over 24 ranks"):
+        Trainer(cfg, MLM).check_inputs()
+    assert not (tmp_path / "out").exists()
 
 
 def test_every_shipped_ds_config_loads():
@@ -139,18 +197,33 @@ def test_ds_config_conflicts_and_unknown_keys(tmp_path):
         load_ds_config(_ds(tmp_path, {"fp16": {"enabeld": True}}))
     path = _ds(tmp_path, {"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 2}})
     with pytest.raises(DaptError, match="sets train_micro_batch_size_per_gpu=8 but the training config gives 16"):
-        build_ds_config(cfg, load_ds_config(path), path, 1, 10)
+        build_ds_config(cfg, load_ds_config(path), path, _plan(cfg, 1), 10)
     with pytest.raises(DaptError, match="zero_optimization.stage must be 1, 2 or 3 \\(got 0\\)"):
         load_ds_config(_ds(tmp_path, {"zero_optimization": {"stage": 0}}))
     with pytest.raises(DaptError, match="stage must be 1, 2 or 3 \\(got 0\\)"):
         load_ds_config(_ds(tmp_path, {"bf16": {"enabled": True}}))  # no ZeRO section: stage 0
     path = _ds(tmp_path, {"optimizer": {"type": "Adam", "params": {"lr": 1e-3}}, "zero_optimization": {"stage": 1}})
-    with pytest.raises(DaptError, match="sets 'optimizer'"):
-        build_ds_config(cfg, load_ds_config(path), path, 1, 10)
+    with pytest.raises(DaptError, match="sets 'optimizer'; the optimizer comes from the training config \\(--optimizer"):
+        build_ds_config(cfg, load_ds_config(path), path, _plan(cfg, 1), 10)
     # the same value, or "auto", is not a conflict
     path = _ds(tmp_path, {"train_batch_size": 64, "gradient_accumulation_steps": "auto", "_doc": "comment",
                           "zero_optimization": {"stage": 2}})
-    assert build_ds_config(cfg, load_ds_config(path), path, 1, 10)["gradient_accumulation_steps"] == 4
+    assert build_ds_config(cfg, load_ds_config(path), path, _plan(cfg, 1), 10)["gradient_accumulation_steps"] == 4
+
+
+@pytest.mark.parametrize("key, says", [
+    ("activation_checkpointing", "use --gradient_checkpointing"),
+    ("compile", "dapt does not compile the model"),
+    ("wandb", "--wandb_mode"),
+    ("elasticity", "planned per world size"),
+    ("pipeline", "needs model or training-loop support"),
+    ("sparse_attention", "needs model or training-loop support"),
+])
+def test_ds_keys_that_would_do_nothing_are_refused(tmp_path, key, says):
+    path = _ds(tmp_path, {key: {"enabled": True}, "zero_optimization": {"stage": 2}})
+    with pytest.raises(DaptError) as err:
+        load_ds_config(path)
+    assert f"'{key}'" in str(err.value) and says in str(err.value)
 
 
 def test_precision_follows_the_accelerator(tmp_path):
@@ -168,3 +241,18 @@ def test_precision_follows_the_accelerator(tmp_path):
             resolve_precision(fp16, "x")
     with pytest.raises(DaptError, match="enables both fp16 and bf16"):
         resolve_precision({"fp16": {"enabled": True}, "bf16": {"enabled": True}}, "x")
+
+
+def test_shipped_bucket_sizes_let_bert_base_overlap_communication():
+    """A reduce bucket larger than the model's gradients is one all-reduce after backward: nothing overlaps
+    with compute, which is what multi-node runs pay for. Every shipped config cuts bert-base (110M) in >= 4."""
+    import torch
+    from transformers import BertConfig, BertForMaskedLM
+
+    with torch.device("meta"):
+        n = sum(p.numel() for p in BertForMaskedLM(BertConfig()).parameters())  # BertConfig() is bert-base
+    assert 105e6 < n < 115e6
+    for path in sorted((ROOT / "ds_configs").glob("*.json")):
+        zero = load_ds_config(str(path))["zero_optimization"]
+        assert n / zero["reduce_bucket_size"] >= 4, path.name
+        assert n / zero.get("allgather_bucket_size", 5e7) >= 2, path.name

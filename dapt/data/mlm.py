@@ -12,7 +12,7 @@ from dapt.data.batching import batch_seed
 from dapt.data.prepared import load_prepared, stage_settings
 from dapt.data.sources import load_table, split_validation
 from dapt.data.text import clean_text, map_procs
-from dapt.distributed import DistInfo, main_process_first
+from dapt.distributed import DistInfo, node_main_first
 from dapt.errors import DaptError
 
 
@@ -143,6 +143,10 @@ class MLMCollator:
     pad_id: int = 0
     # Whole-word masking: continuation[id] from word_continuations(tokenizer); None = per-piece masking.
     continuation: torch.Tensor | None = None
+    # Also return the flat indices of the targets ("masked_positions"), found here on the host: the
+    # sparse MLM head then gathers them without a device-to-host sync (boolean indexing on a GPU waits
+    # for the device to learn the result's size).
+    positions: bool = False
 
     def __call__(self, rows: dict[str, Any]) -> dict[str, torch.Tensor]:
         seqs = rows["input_ids"]
@@ -156,22 +160,24 @@ class MLMCollator:
         else:
             inputs, labels = mask_words(ids, self.special_ids, self.continuation, self.mask_id, self.vocab_size,
                                         self.probability, gen)
+        out = {"input_ids": inputs, "labels": labels}
+        if self.positions:
+            out["masked_positions"] = (labels.flatten() != -100).nonzero().flatten()
         if all(len(x) == width for x in seqs):
-            # Packed blocks: no padding, so no attention mask (SDPA may then use flash kernels).
-            return {"input_ids": inputs, "labels": labels}
-        mask = (torch.arange(width)[None, :] < torch.tensor([len(x) for x in seqs])[:, None]).long()
-        return {"input_ids": inputs, "attention_mask": mask, "labels": labels}
+            return out  # packed blocks: no padding, so no attention mask (SDPA may then use flash kernels)
+        out["attention_mask"] = (torch.arange(width)[None, :] < torch.tensor([len(x) for x in seqs])[:, None]).long()
+        return out
 
 
 def mlm_splits(cfg: MLMConfig, info: DistInfo, tokenizer: Any) -> tuple[Any, Any | None]:
     """The MLM stage's training blocks and held-out blocks (None without a held-out slice): from a
-    prepared directory (settings checked), or read, split, tokenised and packed here (rank 0 first;
-    the other ranks reuse its datasets cache)."""
+    prepared directory (settings checked), or read, split, tokenised and packed here (the first rank of
+    each datasets cache first, the other ranks reuse it: see node_main_first and DAPT_CACHE_SCOPE)."""
     if cfg.prepared_dir:
         data = load_prepared(cfg.prepared_dir, stage_settings(cfg, "mlm", tokenizer))
         train, val = data["train"], data.get("validation")
     else:
-        with main_process_first(info):
+        with node_main_first(info):
             table = load_table(cfg, cfg.seed)
             train_text, val_text = split_validation(table, cfg.validation_split, cfg.seed)
             train = mlm_examples(train_text, tokenizer, cfg.max_seq_length, cfg.packing, cfg.num_proc)

@@ -32,7 +32,9 @@ def _draw_keep(out: torch.Tensor, dropped: int) -> torch.Tensor:
     """Fill the bool tensor `out`: True with probability 1 - dropped / 65536 (four 16-bit draws per
     64-bit random number, a quarter of the generator calls of bernoulli_)."""
     n = out.numel()
-    bits = torch.randint(-2**63, 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64).view(torch.int16)[:n]
+    # drawn on the mask's device (its generator): a CUDA mask is never made on the host and copied
+    bits = torch.randint(-2**63, 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64,
+                         device=out.device).view(torch.int16)[:n]
     return torch.ge(bits.view(out.shape), -(_RANDOM_LEVELS // 2) + dropped, out=out)
 
 
@@ -51,7 +53,7 @@ class _ChunkedAttention(torch.autograd.Function):
         k_len = k.shape[2]
         keep_scale = _RANDOM_LEVELS / (_RANDOM_LEVELS - dropped)
         out = torch.empty_like(q)
-        keep = torch.empty(batch, heads, q_len, k_len, dtype=torch.bool) if dropped else None
+        keep = torch.empty(batch, heads, q_len, k_len, dtype=torch.bool, device=q.device) if dropped else None
         for b, h0, h1 in _slices(batch, heads, q_len, k_len):
             probs = _probs(q[b, h0:h1], k[b, h0:h1], bias, b, h0, h1, scale)
             if keep is not None:
@@ -101,7 +103,7 @@ def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | N
     if mask is None:
         return None
     if mask.dtype == torch.bool:
-        mask = torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, torch.finfo(dtype).min)
+        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
     while mask.dim() < 4:
         mask = mask.unsqueeze(0)
     return mask.to(dtype)

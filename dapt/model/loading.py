@@ -87,3 +87,11 @@ def load_config(name: str) -> Any:
     from transformers import AutoConfig
 
     return _load("model config", name, AutoConfig.from_pretrained)
+
+
+def enable_gradient_checkpointing(model: Any) -> None:
+    """Hugging Face's gradient checkpointing, non-reentrant: each layer's activations are recomputed in
+    backward under the RNG state of its forward (same dropout masks, so the same losses)."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise DaptError(f"gradient_checkpointing: {type(model).__name__} does not support it")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

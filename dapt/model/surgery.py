@@ -30,15 +30,19 @@ def use_sparse_head(model: torch.nn.Module) -> torch.nn.Module:
         return model  # not a BERT-layout MLM: keep the dense head
 
     def forward(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, **kwargs: Any) -> Any:
+                labels: torch.Tensor | None = None, masked_positions: torch.Tensor | None = None,
+                **kwargs: Any) -> Any:
         if labels is None:
             return dense_forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         # Packed batches come without a mask (no padding): SDPA can pick its fastest (flash) kernel.
         hidden = model.bert(input_ids=input_ids, attention_mask=attention_mask, **kwargs)[0]
-        chosen = labels != -100
-        logits = model.cls(hidden[chosen])
-        loss_sum = torch.nn.functional.cross_entropy(logits.float(), labels[chosen], reduction="sum")
-        return SparseMLMOutput(loss=loss_sum / chosen.sum().clamp(min=1), loss_sum=loss_sum, logits=logits)
+        if masked_positions is None:  # found here: boolean indexing (a host sync on accelerators)
+            masked_positions = (labels.flatten() != -100).nonzero().flatten()
+        # the same rows, in the same order, as hidden[labels != -100]
+        logits = model.cls(hidden.flatten(0, 1).index_select(0, masked_positions))
+        targets = labels.flatten().index_select(0, masked_positions)
+        loss_sum = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
+        return SparseMLMOutput(loss=loss_sum / max(masked_positions.numel(), 1), loss_sum=loss_sum, logits=logits)
 
     model.forward = forward
     return model

@@ -18,19 +18,36 @@ from deepspeed.accelerator import get_accelerator
 
 from dapt.config import TrainConfig, resolve_path, warmup_steps
 from dapt.errors import DaptError
+from dapt.train.batch_plan import BatchPlan
 
-# Top-level keys DeepSpeed understands that describe the engine (not the training recipe).
+# Top-level keys that describe the engine and that DeepSpeed acts on by itself in dapt's loop.
 ENGINE_KEYS = {
-    "zero_optimization", "fp16", "bf16", "amp", "torch_autocast", "communication_data_type",
-    "seq_parallel_communication_data_type", "prescale_gradients", "gradient_predivide_factor",
-    "sparse_gradients", "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer",
-    "steps_per_print", "wall_clock_breakdown", "memory_breakdown", "dump_state", "activation_checkpointing",
-    "flops_profiler", "comms_logger", "tensorboard", "csv_monitor", "wandb", "aio", "checkpoint",
-    "data_types", "compile", "timers", "elasticity", "autotuning", "disable_allgather",
-    "dataloader_drop_last", "graph_harvesting", "use_data_before_expert_parallelism", "nebula",
-    "compression_training", "data_efficiency", "curriculum_learning", "progressive_layer_drop",
-    "eigenvalue", "pipeline", "hybrid_engine", "weight_quantization", "quantize_training",
-    "sparse_attention", "mics_shard_size", "mics_hierarchical_params_gather",
+    "zero_optimization", "fp16", "bf16", "communication_data_type", "prescale_gradients",
+    "gradient_predivide_factor", "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer",
+    "steps_per_print", "wall_clock_breakdown", "memory_breakdown", "dump_state", "flops_profiler",
+    "comms_logger", "tensorboard", "csv_monitor", "aio", "checkpoint", "data_types", "timers",
+}
+# Keys DeepSpeed knows that would do nothing (or fight dapt) here: refused, each with where its job is done.
+IGNORED_KEYS = {
+    "activation_checkpointing": "DeepSpeed's checkpointing acts only on models that call deepspeed.checkpointing; "
+                                "use --gradient_checkpointing (Hugging Face's, which BERT implements)",
+    "compile": "dapt does not compile the model (torch.compile would not see dapt's attention kernel and "
+               "model surgery); remove it",
+    "wandb": "dapt logs to Weights & Biases itself: use --wandb_mode / --wandb_project",
+    "amp": "precision comes from the fp16 / bf16 sections",
+    "torch_autocast": "precision comes from the fp16 / bf16 sections",
+    "elasticity": "the batch comes from the recipe's effective_batch_size, planned per world size",
+    "dataloader_drop_last": "dapt's own loader decides the batches (dapt/data/batching.py)",
+    "autotuning": "autotuning needs the `deepspeed --autotuning` driver and rewrites the batch; dapt plans it",
+}
+# Everything else DeepSpeed knows (pipeline, MoE, compression, curriculum, sparse attention, ...) needs
+# model or loop code that dapt does not have.
+UNUSED_KEYS = {
+    "seq_parallel_communication_data_type", "sparse_gradients", "disable_allgather", "graph_harvesting",
+    "use_data_before_expert_parallelism", "nebula", "compression_training", "data_efficiency",
+    "curriculum_learning", "progressive_layer_drop", "eigenvalue", "pipeline", "hybrid_engine",
+    "weight_quantization", "quantize_training", "sparse_attention", "mics_shard_size",
+    "mics_hierarchical_params_gather",
 }
 # Keys dapt fills from the training config.
 FILLED_KEYS = {
@@ -51,6 +68,12 @@ def load_ds_config(path: str) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise DaptError(f"DeepSpeed config {path} must be a JSON object")
     raw = {k: v for k, v in raw.items() if not k.startswith("_")}
+    for key in raw:
+        if key in IGNORED_KEYS:
+            raise DaptError(f"DeepSpeed config {path}: '{key}' would do nothing in dapt: {IGNORED_KEYS[key]}")
+        if key in UNUSED_KEYS:
+            raise DaptError(f"DeepSpeed config {path}: '{key}' needs model or training-loop support that dapt "
+                            "does not have; remove it")
     unknown = sorted(set(raw) - ENGINE_KEYS - FILLED_KEYS)
     if unknown:
         raise DaptError(f"DeepSpeed config {path}: unknown key '{unknown[0]}'")
@@ -124,33 +147,15 @@ def resolve_precision(ds: dict[str, Any], path: str) -> str:
     return "fp32"
 
 
-def build_ds_config(cfg: TrainConfig, ds: dict[str, Any], path: str, world_size: int,
+def build_ds_config(cfg: TrainConfig, ds: dict[str, Any], path: str, plan: BatchPlan,
                     steps_total: int) -> dict[str, Any]:
-    """The engine JSON with batch, optimizer and schedule from `cfg` for this world size."""
-    per_step = cfg.micro_batch_size * world_size
-    if cfg.effective_batch_size % per_step:
-        raise DaptError(
-            f"effective_batch_size {cfg.effective_batch_size} is not divisible by micro_batch_size "
-            f"{cfg.micro_batch_size} x world size {world_size}"
-        )
-    on_cpu = get_accelerator().device_name() == "cpu"
+    """The engine JSON with batch (from the world size's `plan`), optimizer and schedule from `cfg`."""
     precision = resolve_precision(ds, path)
     filled: dict[str, Any] = {
-        "train_batch_size": cfg.effective_batch_size,
-        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
-        "gradient_accumulation_steps": cfg.effective_batch_size // per_step,
+        "train_batch_size": plan.effective,
+        "train_micro_batch_size_per_gpu": plan.micro,
+        "gradient_accumulation_steps": plan.accumulation,
         "gradient_clipping": cfg.max_grad_norm,
-        "optimizer": {
-            "type": "AdamW",
-            "params": {
-                "lr": cfg.learning_rate,
-                "betas": [cfg.adam_beta1, cfg.adam_beta2],
-                "eps": cfg.adam_epsilon,
-                "weight_decay": cfg.weight_decay,
-                # FusedAdam on GPUs; on CPU torch's AdamW (no JIT build); offload needs DeepSpeedCPUAdam.
-                **({"torch_adam": True} if on_cpu and not offloads_optimizer(ds) else {}),
-            },
-        },
         "scheduler": {
             "type": "WarmupDecayLR",
             "params": {
@@ -163,14 +168,17 @@ def build_ds_config(cfg: TrainConfig, ds: dict[str, Any], path: str, world_size:
             },
         },
     }
+    if ds.get("optimizer", "auto") != "auto":
+        raise DaptError(f"DeepSpeed config {path} sets 'optimizer'; the optimizer comes from the training config "
+                        f"(--optimizer, learning_rate, adam_*, weight_decay): remove it from the JSON")
     for key, ours in filled.items():
         theirs = ds.get(key, "auto")
         if theirs == "auto":
             continue
-        if key in ("optimizer", "scheduler"):
+        if key == "scheduler":
             raise DaptError(
-                f"DeepSpeed config {path} sets '{key}'; the {key} comes from the training config "
-                f"(learning_rate, adam_*, weight_decay, warmup): remove it from the JSON"
+                f"DeepSpeed config {path} sets 'scheduler'; the schedule comes from the training config "
+                f"(learning_rate, warmup, num_epochs): remove it from the JSON"
             )
         if theirs != ours:
             raise DaptError(

@@ -81,7 +81,7 @@ class MLMTask:
         return MLMCollator(special_ids=tuple(tok.all_special_ids), mask_id=tok.mask_token_id,
                            vocab_size=len(tok), probability=self.cfg.mlm_probability, seed=self.cfg.seed,
                            epoch=epoch, pad_id=tok.pad_token_id,
-                           continuation=self.continuation)
+                           continuation=self.continuation, positions=self.cfg.sparse_mlm_head)
 
     @torch.no_grad()
     def evaluate(self, engine: Any, info: DistInfo) -> dict[str, float]:

@@ -21,15 +21,23 @@ from typing import Any
 
 import deepspeed
 import torch
+from deepspeed.accelerator import get_accelerator
 
 from dapt.config import TrainConfig, to_dict, warmup_steps
 from dapt.data.batching import make_loader, steps_per_epoch, to_device, train_batches
-from dapt.distributed import DistInfo, all_reduce_max, all_reduce_sum, barrier, setup_distributed, shutdown
+from dapt.distributed import (
+    DistInfo,
+    all_reduce_sum,
+    barrier,
+    launcher_world_size,
+    setup_distributed,
+    shutdown,
+)
 from dapt.errors import DaptError, StopRequested, TrainingFailed
 from dapt.io import dump_json, read_json
 from dapt.layout import StageLayout
 from dapt.model.export import export_checkpoint, logits_of, save_hf_meta
-from dapt.model.loading import load_config, load_tokenizer, resolve_model
+from dapt.model.loading import enable_gradient_checkpointing, load_config, load_tokenizer, resolve_model
 from dapt.model.settings import check_length
 from dapt.observe.metrics_log import MetricsLog, open_metrics_log
 from dapt.observe.throughput import model_flops_per_token, peak_flops
@@ -39,11 +47,14 @@ from dapt.train.engine import (
     build_ds_config,
     grad_norm_of,
     load_ds_config,
+    offloads_optimizer,
     param_groups,
     precision_of,
     set_seed,
     zero_stage,
 )
+from dapt.train.batch_plan import BatchPlan, plan_batch
+from dapt.train.optim import choose_optimizer, make_optimizer
 from dapt.train.selection import Selection
 from dapt.train.tasks import Stage, Task
 from dapt.version import __version__
@@ -90,12 +101,28 @@ def real_tokens(batch: Batch) -> int:
     return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
 
 
-def stop_agreed(stop: ckpt.StopFlag, info: DistInfo) -> bool:
-    """True on every rank if any rank was signalled; `stop.signum` becomes the (largest) signal number."""
-    agreed = int(all_reduce_max(torch.tensor([float(stop.signum or 0)]), info)[0])
-    if agreed:
-        stop.signum = agreed
-    return bool(agreed)
+SIGNAL_SLOTS = 65  # signal numbers 1..64, one slot each in the step's all-reduce
+
+
+def step_sync(stop: ckpt.StopFlag, targets: int, info: DistInfo) -> tuple[int, int]:
+    """The optimizer step's one blocking collective: (the largest stop signal any rank got, 0 if none;
+    the step's loss-target count over all ranks). One all-reduce of SIGNAL_SLOTS + 1 numbers instead of
+    two round trips. Ranks act on the returned signal, never on their own flag, which a signal may set
+    on one rank after the all-reduce (it counts at the next one)."""
+    vec = torch.zeros(SIGNAL_SLOTS + 1, dtype=torch.float64)
+    signum = stop.signum or 0
+    if signum:
+        vec[min(signum, SIGNAL_SLOTS - 1)] = 1
+    vec[-1] = targets
+    total = all_reduce_sum(vec, info)
+    seen = total[:-1].nonzero().flatten()
+    return (int(seen[-1]) if len(seen) else 0), int(total[-1])
+
+
+def loader_workers(requested: int, device: torch.device) -> int:
+    """-1 (auto): 2 workers on accelerators (the next micro-batches are collated while the device computes),
+    none on CPU (the ranks already use every core)."""
+    return requested if requested >= 0 else (0 if device.type == "cpu" else 2)
 
 
 class Trainer:
@@ -137,6 +164,11 @@ class Trainer:
         Returns the checkpoint to resume from (None: a fresh start)."""
         cfg = self.cfg
         self.ds_raw = load_ds_config(cfg.ds_config)
+        # The world size the launcher announces: a batch it cannot run fails here, before the rendezvous.
+        world = launcher_world_size()
+        self.batch: BatchPlan | None = (plan_batch(cfg.effective_batch_size, cfg.micro_batch_size, world)
+                                        if world else None)
+        choose_optimizer(cfg.optimizer, get_accelerator().device_name(), offloads_optimizer(self.ds_raw))
         self.model_path = resolve_model(cfg.model_name_or_path)
         check_length(cfg.max_seq_length, getattr(load_config(self.model_path), "max_position_embeddings", None))
         out = self.layout.root
@@ -170,8 +202,12 @@ class Trainer:
         self.task: Task = self.stage.build_task(cfg, info, self.tokenizer)
         self.per_epoch = steps_per_epoch(self.task.n_train, cfg.effective_batch_size)
         self.total_steps = self.per_epoch * cfg.num_epochs
-        self.ds_cfg = build_ds_config(cfg, self.ds_raw, cfg.ds_config, info.world_size, self.total_steps)
-        self.accum = self.ds_cfg["gradient_accumulation_steps"]
+        if self.batch is None or self.batch.world_size != info.world_size:  # only the MPI library knew it
+            self.batch = plan_batch(cfg.effective_batch_size, cfg.micro_batch_size, info.world_size)
+        if self.batch.shrunk and info.is_main:
+            print(f"dapt: {self.batch.note()}", flush=True)
+        self.ds_cfg = build_ds_config(cfg, self.ds_raw, cfg.ds_config, self.batch, self.total_steps)
+        self.accum = self.batch.accumulation
         self.precision = precision_of(self.ds_cfg)
         saved_world = ckpt.validate(resume_from).world_size if resume_from else info.world_size
         if resume_from is not None and saved_world != info.world_size:
@@ -181,13 +217,17 @@ class Trainer:
         # ranks, and two runs of one config must be the same run.
         set_seed(cfg.seed)
         model = self.stage.load_model(cfg, self.model_path)
-        self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg.weight_decay),
-                                                    config=self.ds_cfg)
+        if cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        optimizer, self.optimizer_name = make_optimizer(cfg, param_groups(model, cfg.weight_decay), info.device.type,
+                                                        offloads_optimizer(self.ds_cfg))
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_cfg)
         self.ckpts = ckpt.CheckpointManager(self.layout.checkpoints, info, cfg.keep_last, cfg.pin_checkpoints,
                                             self.write_meta)
         self.state = TrainState(ckpt.TrainPosition(world_size=info.world_size,
                                                    effective_batch_size=cfg.effective_batch_size, seed=cfg.seed))
         self.selection = Selection(cfg.select_best, cfg.early_stopping_patience)
+        self.saved_step = -1  # the step of the last checkpoint this job wrote or resumed from
         if resume_from is not None:
             self.restore(resume_from, same_world=saved_world == info.world_size)
         self.log = self.open_log(resume_from) if info.is_main else MetricsLog(None)
@@ -205,6 +245,7 @@ class Trainer:
         if self.selection.best_step is not None:
             self.ckpts.pin(ckpt.tag_for(self.selection.best_step))
         self.resumed_from = tag_dir
+        self.saved_step = self.position.step
 
     def open_log(self, resume_from: Path | None) -> MetricsLog:
         """Rank 0: a fresh start clears a previous run's files; the run config and a banner; the log."""
@@ -214,18 +255,19 @@ class Trainer:
                 shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
         out.mkdir(parents=True, exist_ok=True)
         run_config = {"dapt_version": __version__, "stage": self.task.arch, "config": to_dict(cfg),
-                      "deepspeed": self.ds_cfg, "world_size": self.info.world_size,
-                      "device": str(self.info.device), "precision": self.precision, "model": self.model_path}
+                      "deepspeed": self.ds_cfg, "world_size": self.info.world_size, "batch": self.batch.as_dict(),
+                      "device": str(self.info.device), "precision": self.precision, "optimizer": self.optimizer_name,
+                      "model": self.model_path}
         dump_json(run_config, layout.run_config)
         total, warmup = self.total_steps, warmup_steps(cfg, self.total_steps)
         if warmup > total:
             print(f"warning: warmup of {warmup} steps exceeds the {total} steps of this run; the learning "
                   "rate peaks at the last step", flush=True)
         print(f"[{self.task.arch}] {self.task.n_train} train examples, {self.per_epoch} steps/epoch x "
-              f"{cfg.num_epochs} epochs = {total} steps; batch {cfg.micro_batch_size} x {self.accum} accumulation "
+              f"{cfg.num_epochs} epochs = {total} steps; batch {self.batch.micro} x {self.accum} accumulation "
               f"x {self.info.world_size} rank(s) = {cfg.effective_batch_size}; warmup "
               f"{self.ds_cfg['scheduler']['params']['warmup_num_steps']} steps; ZeRO-{zero_stage(self.ds_cfg)} "
-              f"{self.precision} on {self.info.device} ({self.info.backend})"
+              f"{self.precision} on {self.info.device} ({self.info.backend}), {self.optimizer_name}"
               + (f"; resumed from {resume_from} at step {self.position.step}" if resume_from else ""), flush=True)
         if resume_from is None:
             fresh_start(out)  # a new run gets a new W&B run; a resumed one continues its own
@@ -267,13 +309,19 @@ class Trainer:
         cfg, pos, info, task = self.cfg, self.position, self.info, self.task
         epoch = pos.epoch
         self.engine.train()
-        batches = train_batches(task.n_train, epoch, cfg.seed, info.rank, info.world_size, cfg.micro_batch_size,
+        batches = train_batches(task.n_train, epoch, cfg.seed, info.rank, info.world_size, self.batch.micro,
                                 cfg.effective_batch_size, task.lengths)[pos.step_in_epoch * self.accum:]
-        loader = make_loader(task.train_rows, batches, task.collate(epoch), cfg.num_workers,
+        loader = make_loader(task.train_rows, batches, task.collate(epoch), loader_workers(cfg.num_workers, info.device),
                              info.device.type != "cpu", self.loader_gen)
         while pos.step_in_epoch < self.per_epoch:
-            self.train_step([next(loader) for _ in range(self.accum)])  # one optimizer step's micro-batches
-            # A signal that arrived mid-accumulation takes effect only now, at the optimizer step.
+            step_batches = [next(loader) for _ in range(self.accum)]  # one optimizer step's micro-batches
+            # counted on the host, before the batches move: no device sync
+            counts = [task.n_targets(b) for b in step_batches] if task.global_loss_norm else []
+            # A signal that arrived during the last step (or its evaluation or save) takes effect now,
+            # before this step: all ranks agree and save the step they all finished.
+            agreed, total_targets = step_sync(self.stop, sum(counts), info)
+            self.stop_if_agreed(agreed)
+            self.train_step(step_batches, counts, total_targets)
             pos.step += 1
             pos.step_in_epoch += 1
             self.window.steps += 1
@@ -289,7 +337,6 @@ class Trainer:
                 saved = True
                 if self.selection.stopped_early:
                     return self.report_early_stop()
-            self.stop_if_requested(saved)
             if cfg.save_steps and pos.step % cfg.save_steps == 0 and not saved:
                 self.save()
         self.evaluate(float(epoch + 1))
@@ -298,18 +345,18 @@ class Trainer:
         if self.selection.stopped_early:
             return self.report_early_stop()
         if pos.epoch < cfg.num_epochs:
-            self.stop_if_requested(saved=True)
+            # the epoch-end save is done: stop now rather than after another step
+            self.stop_if_agreed(step_sync(self.stop, 0, info)[0])
 
-    def train_step(self, step_batches: list[Batch]) -> None:
-        """Forward and backward of each micro-batch; DeepSpeed steps the optimizer after the last one."""
+    def train_step(self, step_batches: list[Batch], counts: list[int], total_targets: int) -> None:
+        """Forward and backward of each micro-batch; DeepSpeed steps the optimizer after the last one.
+        `counts`: each micro-batch's loss targets, `total_targets` the step's over all ranks (step_sync)."""
         task, info, engine, w = self.task, self.info, self.engine, self.window
         norm = None
         if task.global_loss_norm:
-            # All-reduced count of loss targets in this step: every target weighs the same, whichever
-            # rank or micro-batch it is in (DeepSpeed averages over ranks and micro-steps).
-            counts = [task.n_targets(b) for b in step_batches]  # on the host, once per micro-batch
-            total = float(all_reduce_sum(torch.tensor([float(sum(counts))]), info)[0])
-            norm = max(total, 1.0) / (info.world_size * self.accum)
+            # Every target weighs the same, whichever rank or micro-batch it is in (DeepSpeed averages
+            # over ranks and micro-steps).
+            norm = max(total_targets, 1) / (info.world_size * self.accum)
         for i, batch in enumerate(step_batches):
             w.tokens += real_tokens(batch)  # counted on the host: no device sync
             w.samples += batch["input_ids"].shape[0]
@@ -391,16 +438,19 @@ class Trainer:
             f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
         return record
 
-    def stop_if_requested(self, saved: bool = False) -> None:
-        """All ranks agree on a stop request (any rank signalled), so all save the same step."""
-        if stop_agreed(self.stop, self.info):
-            if not saved:
+    def stop_if_agreed(self, signum: int) -> None:
+        """With step_sync's agreed signal: all ranks save the same step (unless it is saved) and stop."""
+        if signum:
+            self.stop.signum = signum
+            if self.saved_step != self.position.step:
                 self.save()
-            raise StopRequested(self.stop.signum or 0, self.position.step)
+            raise StopRequested(signum, self.position.step)
 
     def save(self) -> Path:
         extra = {"selection": self.selection.state_dict()} if self.selection.enabled else None
-        return self.ckpts.save(self.engine, self.position, extra)
+        path = self.ckpts.save(self.engine, self.position, extra)
+        self.saved_step = self.position.step
+        return path
 
     def report_early_stop(self) -> None:
         sel = self.selection
@@ -423,7 +473,8 @@ class Trainer:
         chosen, comparable = self.load_selected(final)
         # Probe logits from the engine (all ranks: ZeRO-3 gathers collectively).
         self.engine.eval()
-        probe = {k: v for k, v in self.task.probe().items() if k != "labels"}  # the dense forward: full logits
+        probe = {k: v for k, v in self.task.probe().items()  # the dense forward: full logits
+                 if k not in ("labels", "masked_positions")}
         with torch.no_grad():
             before = self.engine(**to_device(probe, self.info.device)).logits.float().cpu()
         chosen_eval = [r for r in self.state.history if r["step"] == self.selection.best_step]
