@@ -25,6 +25,7 @@ COMMANDS = {
     "evaluate": "exact distributed evaluation",
     "export": "checkpoint -> Hugging Face model folder",
     "pipeline": "the whole pipeline on this machine",
+    "plan": "what a job will do on a cluster shape (steps, memory, disk, time), before it queues",
     "report": "plots and a Markdown summary of a run",
     "summarize": "mean, std and 95% intervals over a sweep's runs (seeds x settings)",
     "predict": "classify texts with an exported model",
