@@ -3,13 +3,18 @@
 # `slurm`/`mpi` tests. Debian packages; root; no systemd needed.
 #
 #   .ci/cluster.sh install   apt-get install Slurm, munge, OpenMPI (idempotent; ~30 s on a fresh machine)
-#   .ci/cluster.sh up        one node (this host, all its cores), partition "debug"; waits until idle
+#   .ci/cluster.sh up        one node (this host), partition "debug"; waits until idle
 #   .ci/cluster.sh up2       two "nodes" n1, n2 on this host (multiple slurmd), partition "debug"
 #   .ci/cluster.sh down      stops the daemons this script started (by the pids in their pid files)
 #   .ci/cluster.sh status    exit 0 when the cluster answers and every node is idle
 #
 # Every wait is bounded. State lives under $DAPT_CLUSTER_DIR (default /var/tmp/dapt-cluster), the
 # config in /etc/slurm/slurm.conf (where the Slurm clients look for it).
+#
+# The one node declares DAPT_CLUSTER_CPUS CPUs (default: 8, or this host's count when larger), more
+# than a small CI machine has (SlurmdParameters=config_overrides makes slurmd accept the configured
+# count): the scripts' own layout, 8 tasks per node as on an 8-GPU node, then fits with
+# `--cpus-per-task=1` (8 ranks share the real cores; the tests set the threads per rank to 1).
 set -euo pipefail
 
 DIR=${DAPT_CLUSTER_DIR:-/var/tmp/dapt-cluster}
@@ -59,8 +64,11 @@ start_munge() {
 }
 
 write_conf() {  # $1 = 1 or 2 nodes
-    local nodes=$1 cpus mem
+    local nodes=$1 cpus mem declared
     cpus=$(nproc)
+    declared=${DAPT_CLUSTER_CPUS:-8}
+    [[ $declared =~ ^[1-9][0-9]*$ ]] || die "DAPT_CLUSTER_CPUS=$declared: expected a number of CPUs"
+    (( declared >= cpus )) || declared=$cpus
     # slurmd -C reports RealMemory in MB; leave ~1 GB for the system
     mem=$(slurmd -C 2>/dev/null | sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p' | head -n1)
     mem=$(( ${mem:-4000} > 2000 ? ${mem:-4000} - 1000 : ${mem:-4000} ))
@@ -99,7 +107,9 @@ write_conf() {  # $1 = 1 or 2 nodes
         echo "TmpFS=$DIR/%n/tmp"
         if [[ $nodes == 1 ]]; then
             echo "SlurmdPort=16818"
-            echo "NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem State=UNKNOWN"
+            # the configured CPUs, not the hardware's: room for 8 one-CPU tasks on a 2-core machine
+            echo "SlurmdParameters=config_overrides"
+            echo "NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$declared RealMemory=$mem State=UNKNOWN"
         else
             # several slurmd on one host (Debian builds Slurm with MULTIPLE_SLURMD)
             echo "SlurmdParameters=config_overrides"

@@ -7,7 +7,9 @@
 #
 # Variables: DAPT_MODEL (the fine-tune run or model folder, default runs/finetune), DAPT_CONFIG (default
 # recipes/imdb-bert-base.yaml), DAPT_OUTPUT_DIR (default runs/eval), and the helper's (slurm/launch.sh).
-# Evaluation keeps no checkpoint: a preempted or requeued evaluation simply runs again.
+# Evaluation keeps no checkpoint: a preempted or requeued evaluation simply runs again. The ranks leave
+# together, after rank 0 has written the results, the model card and the W&B run (srun --wait cannot cut
+# it short; DAPT_SRUN_WAIT in slurm/launch.sh).
 #SBATCH --job-name=dapt-eval
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=8

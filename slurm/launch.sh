@@ -18,12 +18,36 @@
 #   DAPT_VENV        virtualenv to activate (default: $DAPT_ROOT/.venv when it exists; "none" to skip)
 #   DAPT_PYTHON      interpreter (default: python3 after the two steps above)
 #   DAPT_SRUN_ARGS   extra srun flags, e.g. "--mpi=pmix" or "--gpu-bind=none"
+#   DAPT_SRUN_WAIT   seconds srun lets the other tasks run on once the first one has exited (srun --wait;
+#                    default 60; 0: no limit). The ranks end together (every job waits for rank 0's
+#                    results, model card and W&B run in a barrier), so this bounds only the aftermath of a
+#                    rank that crashed while the others wait in a collective.
 #   DAPT_REQUEUE     1 (default): on exit 75 run `scontrol requeue $SLURM_JOB_ID`; 0: just exit 75
 #   DAPT_MASTER_ADDR rendezvous address, read by the tasks (default: the step's first node, or its NodeAddr)
 #   DAPT_MASTER_PORT rendezvous port 1-65535, read by the tasks (default: derived from the job and step ids)
 # RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT (and other launchers' rank
 # variables) exported by the submitting shell are cleared: sbatch passes its environment on, and stale
 # values would override what each task derives.
+#
+# Per task, set only when unset (a value of yours is kept):
+#   OMP_NUM_THREADS        the task's CPUs (SLURM_CPUS_PER_TASK; 1 without it): ranks do not fight for cores
+#   TOKENIZERS_PARALLELISM false (tokenizer threads would fight torch for the same cores)
+#   TORCH_EXTENSIONS_DIR   node-local ${TMPDIR:-/tmp}/dapt-$USER-<job id>.<restart count>/torch_extensions, and
+#   TRITON_CACHE_DIR       .../triton beside it: DeepSpeed JIT-builds its ops into TORCH_EXTENSIONS_DIR (default
+#                          ~/.cache/torch_extensions) and Triton caches kernels in ~/.triton; on a shared home
+#                          every rank of every node waits on one build lock there, and a build killed by a
+#                          preemption leaves a stale lock that hangs every later run (DeepSpeed #6540, #6912,
+#                          #5205). Node-local and one directory per job run: the ranks of a node share one
+#                          build and no run inherits another's lock. dapt's default optimizer needs no build;
+#                          ops built into the install (DS_BUILD_OPS=1) need none either. To reuse JIT builds
+#                          across jobs, set TORCH_EXTENSIONS_DIR yourself (a node-local path is safest).
+#
+# GPUs: one task per GPU. Each task uses GPU LOCAL_RANK % (the GPUs it sees) (dapt/distributed.py): with
+# `--gres=gpu:N --ntasks-per-node=N` (the scripts' default) every task sees all N GPUs, so task i takes GPU i
+# and NCCL sees its peers directly (P2P/NVLink); with per-task binding (a job with `--gpus-per-task=1` in
+# place of the scripts' `--gres=gpu:N` line, DAPT_SRUN_ARGS="--gpu-bind=single:1", or a site default) each
+# task sees one GPU and takes it. Either way the node must have as many GPUs as tasks (checked: more GPUs
+# than tasks would leave some idle, fewer would put two ranks on one GPU), and `--gpus-per-task` must be 1.
 #
 # NCCL (GPUs; nothing here is needed on CPU, where the backend is gloo). Defaults set only when unset:
 #   NCCL_DEBUG=WARN                       INFO to debug a hang
@@ -88,6 +112,15 @@ dapt_env() {
           PMI_RANK PMI_SIZE PMIX_RANK
 }
 
+# dapt_node_local_caches: TORCH_EXTENSIONS_DIR and TRITON_CACHE_DIR on node-local disk, one directory per
+# job run, unless set (see the header); the same path on every node (each node creates its own)
+dapt_node_local_caches() {
+    local base
+    base=${TMPDIR:-/tmp}/dapt-${USER:-$(id -un)}-${SLURM_JOB_ID:-$$}.${SLURM_RESTART_COUNT:-0}
+    export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$base/torch_extensions}
+    export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$base/triton}
+}
+
 # --- inside a job --------------------------------------------------------------------------------------
 
 # dapt_init: checks and environment; call once at the top of a stage script
@@ -95,20 +128,35 @@ dapt_init() {
     [[ -n ${SLURM_JOB_ID:-} ]] || dapt_die "not inside a Slurm job: submit with sbatch (or run inside salloc)"
     case ${DAPT_REQUEUE:=1} in 0|1) ;; *) dapt_die "DAPT_REQUEUE=$DAPT_REQUEUE: expected 0 or 1" ;; esac
     dapt_env
-    local tasks_per_node gpus
-    # One task per GPU: each task picks its GPU by LOCAL_RANK (all GPUs stay visible, so NCCL sees P2P).
+    [[ ${DAPT_SRUN_WAIT:=60} =~ ^[0-9]+$ ]] \
+        || dapt_die "DAPT_SRUN_WAIT=$DAPT_SRUN_WAIT: expected seconds (srun --wait; 0 = no limit)"
+    DAPT_SRUN_WAIT=$((10#$DAPT_SRUN_WAIT))
+    local tasks_per_node gpus per_task
+    # One task per GPU; each uses GPU LOCAL_RANK % (the GPUs it sees): all of the node's (--gres=gpu:N) or,
+    # with per-task binding (--gpus-per-task=1, --gpu-bind=single:1), its own one. See the header.
     gpus=${SLURM_GPUS_ON_NODE:-0}
-    tasks_per_node=${SLURM_NTASKS_PER_NODE:-}
+    # this node's tasks: --ntasks-per-node, else the first entry of SLURM_TASKS_PER_NODE ("8(x2)", "8,4")
+    tasks_per_node=${SLURM_NTASKS_PER_NODE:-${SLURM_TASKS_PER_NODE:-}}
+    tasks_per_node=${tasks_per_node%%[(,]*}
+    per_task=${SLURM_GPUS_PER_TASK:-}
+    per_task=${per_task##*:}  # "a100:1" -> 1
+    if [[ -n $per_task && $per_task != 1 ]]; then
+        dapt_die "--gpus-per-task=${SLURM_GPUS_PER_TASK}: each rank uses one GPU; use --gpus-per-task=1" \
+                 "(or --gres=gpu:N --ntasks-per-node=N)"
+    fi
     if [[ $gpus != 0 && -n $tasks_per_node && $gpus != "$tasks_per_node" ]]; then
-        dapt_die "$gpus GPUs per node but $tasks_per_node tasks per node: run one task per GPU (sbatch --ntasks-per-node=$gpus)"
+        dapt_die "$gpus GPUs per node but $tasks_per_node tasks per node: run one task per GPU" \
+                 "(sbatch --ntasks-per-node=$gpus, or --gpus-per-task=1 --ntasks-per-node=<GPUs per node>)"
     fi
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
     export TOKENIZERS_PARALLELISM=${TOKENIZERS_PARALLELISM:-false}
+    dapt_node_local_caches
     export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
     export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
     dapt_log "job $SLURM_JOB_ID (${SLURM_JOB_NAME:-}) run $(( ${SLURM_RESTART_COUNT:-0} + 1 )) on ${SLURM_JOB_NODELIST}:" \
              "${SLURM_NTASKS:-1} tasks, ${gpus} GPUs/node, ${SLURM_CPUS_PER_TASK:-1} CPUs/task," \
              "python $(command -v "$DAPT_PYTHON")"
+    dapt_log "JIT build caches: TORCH_EXTENSIONS_DIR=$TORCH_EXTENSIONS_DIR TRITON_CACHE_DIR=$TRITON_CACHE_DIR"
 }
 
 _DAPT_PID=
@@ -134,9 +182,10 @@ dapt_run() {
     local cmd
     # Not --kill-on-bad-exit: when the ranks exit 75 together, one still shutting down would get SIGTERM
     # (Python restores the default handler at exit) and the job would end 143 instead of "requeue me".
-    # --wait bounds instead how long the others may run on once a rank has ended (crash or end).
+    # --wait bounds instead how long the others may run on once a rank has ended (a crash: the ranks of a
+    # run that ends normally leave together, after rank 0's last write). DAPT_SRUN_WAIT, default 60.
     # --cpus-per-task again: since Slurm 22.05, srun no longer takes it from the job.
-    cmd=(srun --kill-on-bad-exit=0 --wait=60 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}")
+    cmd=(srun --kill-on-bad-exit=0 --wait="${DAPT_SRUN_WAIT:-60}" --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}")
     if [[ -n ${DAPT_SRUN_ARGS:-} ]]; then
         local extra; read -r -a extra <<<"$DAPT_SRUN_ARGS"; cmd+=("${extra[@]}")
     fi

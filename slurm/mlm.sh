@@ -4,11 +4,14 @@
 #   sbatch slurm/mlm.sh [launch/mlm.py flags...]                  # e.g. --data_files /shared/imdb/unsup.parquet
 #   DAPT_OUTPUT_DIR=runs/imdb/mlm sbatch --nodes=4 slurm/mlm.sh    # 4 nodes x 8 GPUs
 #   sbatch --gres=none --ntasks-per-node=2 --cpus-per-task=4 slurm/mlm.sh   # CPU-only cluster
+#   sbatch --gres=none --cpus-per-task=1 slurm/mlm.sh             # CPU, this script's 8 tasks (as CI runs it)
 #
+# The recipe's effective batch is kept on any number of ranks: with 8 ranks the reference recipe's micro
+# batch 16 becomes 8 (8 x 8 = 64, no accumulation), and rank 0 says so ("dapt: micro_batch_size 16 -> 8").
 # Variables: DAPT_CONFIG (recipe, default recipes/imdb-bert-base.yaml), DAPT_DS_CONFIG (DeepSpeed JSON,
 # default the recipe's), DAPT_OUTPUT_DIR (default runs/mlm), DAPT_MODEL (start model, default the
 # recipe's), and the helper's (slurm/launch.sh: DAPT_ENV_SETUP, DAPT_VENV, DAPT_PYTHON, DAPT_SRUN_ARGS,
-# DAPT_REQUEUE). Relative paths are relative to the directory sbatch was called from. Preemption: the
+# DAPT_SRUN_WAIT, DAPT_REQUEUE). Relative paths are relative to the directory sbatch was called from. Preemption: the
 # batch shell gets SIGUSR1 300 s before the time limit (or SIGTERM), the tasks save a checkpoint and
 # exit 75, the job requeues itself and the next run resumes from the checkpoint.
 #SBATCH --job-name=dapt-mlm

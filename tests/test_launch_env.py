@@ -237,3 +237,143 @@ def test_pipeline_bad_config_is_one_line(tmp_path):
                           env=_script_env(tmp_path, DAPT_CONFIG="recipes/nope.yaml"), timeout=60)
     assert (proc.returncode, proc.stdout) == (2, "")
     assert proc.stderr == "dapt-slurm: error: DAPT_CONFIG=recipes/nope.yaml: no such file\n"
+
+
+def _task_env(tmp_path: Path) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in (tmp_path / "task_env").read_text().splitlines() if "=" in line)
+
+
+def test_launch_srun_wait_and_node_local_caches(tmp_path):
+    """DAPT_SRUN_WAIT sets srun's --wait; the JIT caches default to node-local, one directory per job run
+    (TMPDIR, user, job id, restart count), and a user's own values are kept."""
+    _stub(tmp_path / "bin", "srun", f'env > {tmp_path}/task_env; printf "%s\\n" "$@" > {tmp_path}/argv\n')
+    script = f"source {ROOT}/slurm/launch.sh; dapt_init; dapt_launch x.py"
+    base = _script_env(tmp_path, SLURM_JOB_ID=42, SLURM_JOB_NODELIST="n1", SLURM_RESTART_COUNT=2, TMPDIR="/local/scratch",
+                       USER="alice", DAPT_SRUN_WAIT="007")
+    for k in ("TORCH_EXTENSIONS_DIR", "TRITON_CACHE_DIR", "OMP_NUM_THREADS"):
+        base.pop(k, None)
+    proc = subprocess.run(["bash", "-c", script], env=base, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "argv").read_text().splitlines()[:3] == ["--kill-on-bad-exit=0", "--wait=7", "--cpus-per-task=1"]
+    task = _task_env(tmp_path)
+    assert task["TORCH_EXTENSIONS_DIR"] == "/local/scratch/dapt-alice-42.2/torch_extensions"
+    assert task["TRITON_CACHE_DIR"] == "/local/scratch/dapt-alice-42.2/triton"
+    assert task["OMP_NUM_THREADS"] == "1"
+    assert "JIT build caches: TORCH_EXTENSIONS_DIR=/local/scratch/dapt-alice-42.2/torch_extensions" in proc.stdout
+    mine = {**base, "TORCH_EXTENSIONS_DIR": "/shared/prebuilt", "TRITON_CACHE_DIR": "/nvme/triton", "OMP_NUM_THREADS": "5",
+            "DAPT_SRUN_WAIT": "0"}
+    proc = subprocess.run(["bash", "-c", script], env=mine, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "--wait=0" in (tmp_path / "argv").read_text().splitlines()  # srun: no limit
+    task = _task_env(tmp_path)
+    assert (task["TORCH_EXTENSIONS_DIR"], task["TRITON_CACHE_DIR"], task["OMP_NUM_THREADS"]) == \
+           ("/shared/prebuilt", "/nvme/triton", "5")
+
+
+@pytest.mark.parametrize("slurm, error", [
+    ({"SLURM_GPUS_ON_NODE": 8, "SLURM_NTASKS_PER_NODE": 8}, None),
+    ({"SLURM_GPUS_ON_NODE": 8, "SLURM_NTASKS_PER_NODE": 8, "SLURM_GPUS_PER_TASK": 1}, None),  # per-task binding
+    ({"SLURM_GPUS_ON_NODE": 8, "SLURM_TASKS_PER_NODE": "8(x2)", "SLURM_GPUS_PER_TASK": "h100:1"}, None),
+    ({"SLURM_GPUS_ON_NODE": 8, "SLURM_TASKS_PER_NODE": "4(x2)"},
+     "8 GPUs per node but 4 tasks per node: run one task per GPU (sbatch --ntasks-per-node=8, or --gpus-per-task=1 "
+     "--ntasks-per-node=<GPUs per node>)"),
+    ({"SLURM_GPUS_ON_NODE": 8, "SLURM_NTASKS_PER_NODE": 4, "SLURM_GPUS_PER_TASK": 2},
+     "--gpus-per-task=2: each rank uses one GPU; use --gpus-per-task=1 (or --gres=gpu:N --ntasks-per-node=N)"),
+    ({"DAPT_SRUN_WAIT": "1m"}, "DAPT_SRUN_WAIT=1m: expected seconds (srun --wait; 0 = no limit)"),
+])
+def test_launch_gpu_layout_and_srun_wait_checks(tmp_path, slurm, error):
+    """One rank per GPU whether every task sees all GPUs or only its own (--gpus-per-task=1): the node's
+    GPUs must equal its tasks; anything else is one line, exit 2, before srun."""
+    _stub(tmp_path / "bin", "srun", f"touch {tmp_path}/ran\n")
+    proc = subprocess.run(["bash", "-c", f"source {ROOT}/slurm/launch.sh; dapt_init; dapt_launch x.py"],
+                          env=_script_env(tmp_path, SLURM_JOB_ID=42, SLURM_JOB_NODELIST="n1", **slurm),
+                          capture_output=True, text=True, timeout=60)
+    if error is None:
+        assert proc.returncode == 0 and (tmp_path / "ran").exists(), proc.stderr
+    else:
+        assert (proc.returncode, proc.stderr) == (2, f"dapt-slurm: error: {error}\n")
+        assert not (tmp_path / "ran").exists()
+
+
+# --- slurm/hostfile.sh: the hostfile and the DeepSpeed env file (stand-in scontrol) --------------------
+
+MARK = "DAPT_DS_ENV_WRITTEN_BY=slurm/hostfile.sh"
+
+
+def _hostfile(tmp_path: Path, *args: str, **env) -> subprocess.CompletedProcess:
+    _stub(tmp_path / "bin", "scontrol", 'printf "n1\\nn2\\n"\n')
+    home = tmp_path / "home"
+    home.mkdir(exist_ok=True)
+    base = {"PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin", "HOME": str(home), "USER": "alice", "SLURM_JOB_ID": "7",
+            "SLURM_JOB_NODELIST": "n[1-2]", "SLURM_NTASKS_PER_NODE": "1", "SLURM_CPUS_ON_NODE": "64",
+            "SLURM_GPUS_ON_NODE": "8", "TMPDIR": "/local"}
+    return subprocess.run(["bash", str(ROOT / "slurm" / "hostfile.sh"), *args], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60, env={**base, **{k: str(v) for k, v in env.items()}})
+
+
+def _env_lines(path: Path) -> list[str]:
+    return path.read_text().splitlines()
+
+
+def test_hostfile_writes_the_deepspeed_env_file(tmp_path):
+    """What the ranks on other nodes need and the launcher would not forward: HF_*, WANDB_*, DAPT_*, threads,
+    node-local caches, PATH; not the scripts' own words, not secrets (they would be on the launcher's command
+    line), not values DeepSpeed cannot pass intact through every launcher. Mode 600; stdout stays the
+    hostfile's path."""
+    hosts = tmp_path / "hosts"
+    proc = _hostfile(tmp_path, str(hosts), HF_HOME="/shared/hf", HF_HUB_OFFLINE=1, HF_TOKEN="hf_secret",
+                     WANDB_MODE="offline", WANDB_API_KEY="k", WANDB_NOTES="two words", DAPT_DIST_TIMEOUT_MINUTES=90,
+                     DAPT_ENV_SETUP="module load cuda", TRANSFORMERS_OFFLINE=1, TOKENIZERS_PARALLELISM="false",
+                     VIRTUAL_ENV="/home/alice/venv", UNRELATED="x", DAPT_DS_ENV_VARS="MY_* NCCL_SOCKET_IFNAME",
+                     MY_SETTING="on", NCCL_SOCKET_IFNAME="ib0")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == f"{hosts}\n"
+    assert hosts.read_text() == "n1 slots=8\nn2 slots=8\n"
+    env_file = tmp_path / "hosts.env"
+    assert oct(env_file.stat().st_mode & 0o777) == "0o600"
+    lines = _env_lines(env_file)
+    assert lines[0] == MARK
+    assert sorted(lines[1:]) == sorted([
+        "HF_HOME=/shared/hf", "HF_HUB_OFFLINE=1", "WANDB_MODE=offline", "DAPT_DIST_TIMEOUT_MINUTES=90",
+        "TRANSFORMERS_OFFLINE=1", "TOKENIZERS_PARALLELISM=false", "VIRTUAL_ENV=/home/alice/venv",
+        "MY_SETTING=on", "NCCL_SOCKET_IFNAME=ib0", f"PATH={tmp_path / 'bin'}:/usr/bin:/bin",
+        "OMP_NUM_THREADS=8",  # 64 CPUs on the node / 8 slots, as srun gives each task its CPUs
+        "TORCH_EXTENSIONS_DIR=/local/dapt-alice-7.0/torch_extensions", "TRITON_CACHE_DIR=/local/dapt-alice-7.0/triton"])
+    err = proc.stderr
+    assert "left out (secrets would show on the launcher's command line): HF_TOKEN WANDB_API_KEY" in err
+    assert "left out (spaces or shell characters do not survive every launcher): WANDB_NOTES" in err
+    assert f"DS_ENV_FILE={env_file} deepspeed --hostfile {hosts} ..." in err
+    # a secret named on purpose is sent; the file is ours, so a second run replaces it
+    proc = _hostfile(tmp_path, str(hosts), HF_TOKEN="hf_secret", DAPT_DS_ENV_VARS="HF_TOKEN", OMP_NUM_THREADS=3)
+    assert proc.returncode == 0, proc.stderr
+    assert {"HF_TOKEN=hf_secret", "OMP_NUM_THREADS=3"} <= set(_env_lines(env_file))
+
+
+def test_hostfile_keeps_the_users_deepspeed_env(tmp_path):
+    """~/.deepspeed_env and ./.deepspeed_env are never modified; their lines come first in the new file (DeepSpeed
+    reads only DS_ENV_FILE then) and win over the job's values. A file at DAPT_DS_ENV_FILE that hostfile.sh did not
+    write is refused before anything is written; "none" writes no env file."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".deepspeed_env").write_text("NCCL_IB_HCA=mlx5_0\nHF_HOME=/theirs\n")
+    (tmp_path / ".deepspeed_env").write_text("WANDB_PROJECT=p1\n")
+    before = {p: p.read_text() for p in (home / ".deepspeed_env", tmp_path / ".deepspeed_env")}
+    proc = _hostfile(tmp_path, "hosts", HF_HOME="/mine", WANDB_PROJECT="p2", HF_HUB_OFFLINE=1)
+    assert proc.returncode == 0, proc.stderr
+    lines = _env_lines(tmp_path / "hosts.env")
+    assert lines[:4] == [MARK, "NCCL_IB_HCA=mlx5_0", "HF_HOME=/theirs", "WANDB_PROJECT=p1"]
+    assert "HF_HUB_OFFLINE=1" in lines and "HF_HOME=/mine" not in lines and "WANDB_PROJECT=p2" not in lines
+    assert "yours win: HF_HOME WANDB_PROJECT" in proc.stderr
+    assert {p: p.read_text() for p in before} == before
+
+    (tmp_path / "hosts").unlink()
+    proc = _hostfile(tmp_path, "hosts", DAPT_DS_ENV_FILE=str(home / ".deepspeed_env"))
+    assert (proc.returncode, proc.stdout) == (2, "")
+    assert proc.stderr == (f"dapt-slurm: error: DAPT_DS_ENV_FILE={home / '.deepspeed_env'} exists and was not written "
+                           "by slurm/hostfile.sh: not overwriting it (name another file, or move yours)\n")
+    assert not (tmp_path / "hosts").exists() and {p: p.read_text() for p in before} == before
+
+    (tmp_path / "hosts.env").unlink()
+    proc = _hostfile(tmp_path, "hosts", DAPT_DS_ENV_FILE="none")
+    assert proc.returncode == 0 and proc.stdout == "hosts\n" and proc.stderr == ""
+    assert (tmp_path / "hosts").is_file() and not (tmp_path / "hosts.env").exists()

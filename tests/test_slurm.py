@@ -10,6 +10,7 @@ with DAPT_REQUIRE_CLUSTER=1 (.ci/run) they fail instead."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -20,7 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, free_port
+from conftest import BIN, ROOT, free_port
 
 CLUSTER = ROOT / ".ci" / "cluster.sh"
 SLURM = ROOT / "slurm"
@@ -143,11 +144,27 @@ def stage_args(stage: str, out: Path, demo_files, epochs: int) -> list[str]:
     return [str(a) for a in args]
 
 
+def prebuilt_extensions() -> str:
+    """Where this machine's DeepSpeed JIT ops are built (torch's default, where .ci/run pre-builds them). The
+    jobs are given it as a TORCH_EXTENSIONS_DIR of the user's, which slurm/launch.sh keeps: its own default
+    is a fresh node-local directory per job run, where every job would rebuild the op (30-90 s here)."""
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return os.environ["TORCH_EXTENSIONS_DIR"]
+    import torch
+    from torch.utils.cpp_extension import get_default_build_root
+
+    accelerator = (f"rocm{torch.version.hip.replace('.', '')}" if torch.version.hip else
+                   f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu")  # as torch names it
+    version = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
+    return os.path.join(get_default_build_root(), f"{version}_{accelerator}")
+
+
 def tiny_env(base_env, tiny_model, **more):
     # This interpreter and this PATH, not the activated venv: its pip `ninja` (1.13) and Debian's (1.11)
     # hash build commands differently, so alternating them rebuilds DeepSpeed's JIT op (30-90 s) each run.
     return job_env(base_env, **{"DAPT_CONFIG": "", "DAPT_DS_CONFIG": "ds_configs/zero2_auto.json", "DAPT_MODEL": tiny_model,
-                                "DAPT_VENV": "none", "DAPT_PYTHON": sys.executable, **more})
+                                "DAPT_VENV": "none", "DAPT_PYTHON": sys.executable,
+                                "TORCH_EXTENSIONS_DIR": prebuilt_extensions(), **more})
 
 
 def steps_and_losses(out: Path) -> dict[int, float]:
@@ -342,6 +359,140 @@ def test_prepare_job_writes_a_manifest(cluster, tmp_path, tiny_model, demo_files
     print(f"sbatch slurm/prepare.sh: {sorted(manifest['splits'])}, {time.time() - start:.0f}s")
 
 
+HOOKS = ROOT / "tests" / "workers" / "jobhooks"  # test-only sitecustomize: slow rank-0 writes, exit times, env dumps
+
+
+def hooked(env: dict[str, str], **hooks) -> dict[str, str]:
+    """A job environment with tests/workers/jobhooks first on the tasks' PYTHONPATH and its variables set."""
+    return {**env, "PYTHONPATH": f"{HOOKS}{os.pathsep}{env.get('PYTHONPATH', ROOT)}", **{k: str(v) for k, v in hooks.items()}}
+
+
+def job_user(env: dict[str, str]) -> str:
+    """The user name in launch.sh's node-local cache paths: $USER, else `id -un`."""
+    import pwd
+
+    return env.get("USER") or pwd.getpwuid(os.getuid()).pw_name
+
+
+def read_yaml(path: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load(path.read_text())
+
+
+@pytest.mark.slurm
+@pytest.mark.dist
+def test_mlm_sh_reference_batch_on_eight_ranks(cluster, tmp_path, tiny_model, demo_files, base_env):
+    """The headline command at its real scale: `sbatch slurm/mlm.sh` with the script's own task layout (8 tasks
+    on one node, as on an 8-GPU node; only `--gres=none --cpus-per-task=1` for CPU) and the reference recipe
+    itself (the script's default DAPT_CONFIG: effective batch 64, micro batch 16), overriding only the model,
+    the data, the length, one epoch and the CPU DeepSpeed config. 8 real DeepSpeed ranks: the micro batch
+    shrinks to 8 (8 x 8 = 64, accumulation 1), rank 0 says so, run_config.json records the plan, it trains
+    and saves a complete checkpoint. The 8 tasks also show the per-task environment of slurm/launch.sh:
+    OMP_NUM_THREADS from --cpus-per-task, a TORCH_EXTENSIONS_DIR given by the user kept, TRITON_CACHE_DIR
+    defaulted to node-local disk (one directory per job run)."""
+    cluster.ensure(1)
+    start = time.time()
+    recipe = read_yaml(ROOT / "recipes" / "imdb-bert-base.yaml")
+    assert (recipe["effective_batch_size"], recipe["micro_batch_size"]) == (64, 16)
+    out, dumps = tmp_path / "mlm", tmp_path / "env"
+    env = hooked(tiny_env(base_env, tiny_model), DAPT_TEST_ENV_DUMP=dumps)
+    del env["DAPT_CONFIG"]  # the script's default: recipes/imdb-bert-base.yaml
+    for name in ("OMP_NUM_THREADS", "TRITON_CACHE_DIR", "TMPDIR"):  # launch.sh's defaults
+        env.pop(name, None)
+    args = ["--data_files", demo_files["unlabelled"], "--output_dir", out, "--max_seq_length", 32, "--num_epochs", 1,
+            "--warmup", 1, "--logging_steps", 1, "--save_steps", 0]
+    job = sbatch([*CPU_MODE, SLURM / "mlm.sh", *args], tmp_path, env)  # no --ntasks-per-node: the script's 8
+    log = assert_completed(job, timeout=420)
+    assert f"dapt-slurm: job {job} (dapt-mlm) run 1 on " in log and ": 8 tasks, 0 GPUs/node, 1 CPUs/task" in log
+    assert job_info(job)["NumTasks"] == "8"
+    lines = rendezvous_lines(log)
+    assert len(lines) == 1 and lines[0].startswith("dapt: launcher srun: 8 ranks (gloo), master "), lines
+    notes = [ln for ln in log.splitlines() if ln.startswith("dapt: micro_batch_size")]
+    assert notes == ["dapt: micro_batch_size 16 -> 8: 16 exceeds each rank's share of the effective batch "
+                     "(64 / 8 ranks = 8); accumulation 1"], notes
+    run_cfg = json.loads((out / "run_config.json").read_text())
+    assert run_cfg["world_size"] == 8 and run_cfg["config"]["max_seq_length"] == 32
+    assert run_cfg["batch"] == {"effective": 64, "world_size": 8, "micro": 8, "accumulation": 1, "requested_micro": 16}
+    ds = run_cfg["deepspeed"]
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (64, 8, 1)
+    summary = json.loads((out / "summary.json").read_text())
+    losses = steps_and_losses(out)
+    assert summary["world_size"] == 8 and summary["steps"] >= 2 and sorted(losses) == list(range(1, summary["steps"] + 1))
+    assert all(math.isfinite(v) for v in losses.values())
+    # a complete checkpoint of the last step: `latest`, the state file and every rank's shards, as validated on resume
+    from dapt.train import checkpoint as ckpt
+
+    tag = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
+    assert tag.name == ckpt.tag_for(summary["steps"]) and (tag / ckpt.STATE_FILE).is_file()
+    position = ckpt.validate(tag)
+    assert (position.world_size, position.step, position.effective_batch_size) == (8, summary["steps"], 64)
+    assert len(list(tag.glob("zero_pp_rank_*_mp_rank_00_optim_states.pt"))) == 8 and len(list(tag.glob("rng_rank*.pt"))) == 8
+    assert (out / "model" / "model.safetensors").is_file()
+    # what each of the 8 tasks saw at start-up (tests/workers/jobhooks, DAPT_TEST_ENV_DUMP)
+    seen = [json.loads((dumps / f"env-{rank}.json").read_text()) for rank in range(8)]
+    user = job_user(env)
+    for rank, task in enumerate(seen):
+        assert (task["SLURM_PROCID"], task["SLURM_CPUS_PER_TASK"], task["OMP_NUM_THREADS"]) == (str(rank), "1", "1"), task
+        assert task["TORCH_EXTENSIONS_DIR"] == env["TORCH_EXTENSIONS_DIR"]  # the user's value, kept
+        assert task["TRITON_CACHE_DIR"] == f"{task['TMPDIR'] or '/tmp'}/dapt-{user}-{job}.0/triton", task  # node-local
+        assert task["TOKENIZERS_PARALLELISM"] == "false"
+    print(f"sbatch slurm/mlm.sh, the script's 8 tasks, recipe batch 64/16 -> micro 8 x 1 x 8 ranks: "
+          f"{summary['steps']} steps, {time.time() - start:.0f}s")
+
+
+SLOW_WRITE = 9  # seconds rank 0's final writes take longer in the next test; srun's --wait there is 3
+
+
+def exit_and_write_times(folder: Path) -> tuple[dict[str, float], list[float]]:
+    exits = {}
+    for path in folder.glob("exit-*.json"):
+        record = json.loads(path.read_text())
+        exits[record["rank"]] = record["time"]
+    writes = [json.loads(p.read_text())["end"] for p in folder.glob("write-*.json")]
+    return exits, writes
+
+
+@pytest.mark.slurm
+def test_ranks_wait_for_rank0_final_writes_under_srun_wait(cluster, tmp_path, tiny_model, demo_files, base_env):
+    """`srun --wait=3` (DAPT_SRUN_WAIT=3) kills the tasks still running 3 s after the first one exits, and rank
+    0's final writes take 9 s longer (tests/workers/jobhooks: the fine-tune's model export, the evaluation's
+    results + model card + W&B run). slurm/finetune.sh then slurm/eval.sh (afterok), 2 tasks each: every rank
+    stays until rank 0 has written (the trainer's closing barrier, evaluate's end barrier), so nothing is
+    killed, both jobs exit 0 and the files exist. Without the barrier at the end of evaluate, rank 1 exits
+    first and srun kills rank 0 mid-write: the eval job fails with no results."""
+    cluster.ensure(1)
+    start = time.time()
+    out, times = tmp_path / "run", tmp_path / "times"
+    env = hooked(tiny_env(base_env, tiny_model, DAPT_SRUN_WAIT=3), DAPT_TEST_SLOW_WRITE=SLOW_WRITE)
+    ft_args = [*stage_args("finetune", out / "finetune", demo_files, 1), "--max_samples", 64]
+    ft = sbatch([*CPU_MODE, "--ntasks-per-node=2", SLURM / "finetune.sh", *ft_args], tmp_path,
+                {**env, "DAPT_TEST_TIMES_DIR": str(times / "finetune")})
+    ev = sbatch([*CPU_MODE, "--ntasks-per-node=2", f"--dependency=afterok:{ft}", "--kill-on-invalid-dep=yes",
+                 SLURM / "eval.sh", "--data_files", demo_files["test"]], tmp_path,
+                {**env, "DAPT_MODEL": str(out / "finetune"), "DAPT_OUTPUT_DIR": str(out / "eval"),
+                 "DAPT_TEST_TIMES_DIR": str(times / "eval")})
+    logs = {"finetune": assert_completed(ft, timeout=300), "eval": assert_completed(ev, timeout=300)}
+    for stage, what in (("finetune", "export_checkpoint"), ("eval", "write_set")):
+        log = logs[stage]
+        assert "dapt-slurm: running: srun --kill-on-bad-exit=0 --wait=3 --cpus-per-task=1 " in log
+        assert f"dapt-test: rank 0 {what}: sleeping {SLOW_WRITE}s first" in log and f"dapt-test: rank 0 {what}: written" in log
+        assert not [ln for ln in log.splitlines() if ln.startswith("srun:")], log[-3000:]  # no task killed or aborted
+        assert "dapt-slurm: finished" in log
+        exits, writes = exit_and_write_times(times / stage)
+        assert sorted(exits) == ["0", "1"] and len(writes) == 1, (exits, writes)  # every rank exited by itself
+        assert min(exits.values()) >= writes[0], (stage, exits, writes)  # ... after rank 0 had written
+    assert (out / "finetune" / "model" / "model.safetensors").is_file()
+    results = json.loads((out / "eval" / "eval_results.json").read_text())
+    assert results["n_examples"] == 37 and results["world_size"] == 2
+    card_entry = out / "finetune" / "model" / "results" / f"{results['set']}.json"
+    assert json.loads(card_entry.read_text())["accuracy"] == results["accuracy"]
+    assert f"| {results['set']} | 37 |" in (out / "finetune" / "model" / "README.md").read_text()
+    assert "model card updated: " in logs["eval"]
+    print(f"srun --wait=3, rank 0 writes {SLOW_WRITE}s slower: fine-tune + eval both complete, every rank left after "
+          f"rank 0's write, {time.time() - start:.0f}s")
+
+
 @pytest.mark.slurm
 @pytest.mark.mpi
 def test_srun_mpi_pmix(cluster, mpi_ready, tmp_path, tiny_model, demo_files, base_env):
@@ -377,6 +528,60 @@ def test_mpirun(mpi_ready, tmp_path, tiny_model, demo_files, base_env):
     assert [ln.rsplit(":", 1)[0] for ln in rendezvous_lines(proc.stdout)] == ["dapt: launcher mpirun: 2 ranks (gloo), master 127.0.0.1"]
     assert world_size(out) == 2 and max(steps_and_losses(out)) == 9
     print(f"mpirun -np 2: 2 ranks, {time.time() - start:.0f}s")
+
+
+@pytest.mark.slurm
+@pytest.mark.mpi
+def test_deepspeed_multinode_launcher_carries_the_env_file(cluster, mpi_ready, tmp_path, base_env):
+    """slurm/hostfile.sh in a real job writes the hostfile and the DeepSpeed env file; then DeepSpeed's
+    multi-node path (`deepspeed --force_multi --hostfile H --launcher openmpi`: real mpirun, this host as the
+    node) starts 2 ranks from a launcher environment WITHOUT the job's variables: they arrive only through
+    the file (DS_ENV_FILE), i.e. through the launcher's `mpirun -x` exports, as they would on another node."""
+    cluster.ensure(1)
+    start = time.time()
+    hostfile = tmp_path / "hostfile"
+    carried = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline",
+               "DAPT_DIST_TIMEOUT_MINUTES": "45", "TRANSFORMERS_OFFLINE": "1"}
+    job_vars = {**carried, "HF_TOKEN": "hf_not_on_command_lines", "DAPT_ENV_SETUP": "module load x"}
+    env = job_env(base_env, **job_vars)
+    for name in ("OMP_NUM_THREADS", "TORCH_EXTENSIONS_DIR", "TRITON_CACHE_DIR", "TMPDIR"):
+        env.pop(name, None)
+    job = sbatch(["--ntasks-per-node=2", "--cpus-per-task=1", "--output=logs/hostfile-%j.out", "--wrap",
+                  f"{SLURM / 'hostfile.sh'} {hostfile}"], tmp_path, env)
+    log = assert_completed(job, timeout=60)
+    host = subprocess.run(["hostname", "-s"], capture_output=True, text=True).stdout.strip()
+    assert hostfile.read_text() == f"{host} slots=2\n"
+    env_file = Path(f"{hostfile}.env")
+    assert f"start the launcher with it: DS_ENV_FILE={env_file} deepspeed --hostfile {hostfile} ..." in log
+    assert "left out (secrets would show on the launcher's command line): HF_TOKEN" in log
+    cache = f"/tmp/dapt-{job_user(env)}-{job}.0"
+    expected = {**carried, "OMP_NUM_THREADS": "1",  # the node's 2 CPUs / 2 slots
+                "TORCH_EXTENSIONS_DIR": f"{cache}/torch_extensions", "TRITON_CACHE_DIR": f"{cache}/triton"}
+
+    launcher_env = job_env(base_env, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+                           OMPI_MCA_btl_vader_single_copy_mechanism="none", DS_ENV_FILE=str(env_file))
+    for name in [*job_vars, *expected]:
+        launcher_env.pop(name, None)  # the ranks can get them only from the file
+    names = sorted({*expected, "HF_TOKEN", "DAPT_ENV_SETUP"})
+    cmd = [str(BIN / "deepspeed"), "--force_multi", "--no_ssh_check", "--hostfile", str(hostfile), "--master_addr",
+           "127.0.0.1", "--launcher", "openmpi", "--launcher_args",
+           "--allow-run-as-root --oversubscribe --mca btl_tcp_if_include lo",
+           str(ROOT / "tests" / "workers" / "print_env.py"), *names]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=launcher_env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    launcher_log = proc.stdout + proc.stderr
+    assert f"deepspeed_env file = {env_file}" in launcher_log
+    assert re.search(r"cmd = mpirun -n 2 -hostfile \S+ .* -x HF_HOME=\S+", launcher_log), launcher_log[-3000:]
+    ranks = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("dapt-test-env "):
+            seen = json.loads(line.split(" ", 1)[1])
+            ranks[seen.pop("OMPI_COMM_WORLD_RANK")] = seen
+    assert sorted(ranks) == ["0", "1"], proc.stdout[-3000:]
+    for seen in ranks.values():
+        assert seen == {**{n: None for n in names}, **expected}, seen  # no secret, no script-only words
+    print(f"deepspeed --force_multi --launcher openmpi: {len(expected)} variables reached 2 ranks only through "
+          f"{env_file.name}, {time.time() - start:.0f}s")
 
 
 # --- two nodes (last: the cluster is restarted with n1, n2) ----------------------------------------

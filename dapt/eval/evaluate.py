@@ -17,7 +17,7 @@ import torch
 
 from dapt.config import EvalConfig
 from dapt.data.classify import eval_split
-from dapt.distributed import DistInfo, setup_distributed, shutdown
+from dapt.distributed import DistInfo, barrier, setup_distributed, shutdown
 from dapt.errors import DaptError
 from dapt.eval.metrics import add_intervals, ci_text, format_table
 from dapt.eval.scoring import autocast_for, inference_precision, score_classifier, score_with_predictions
@@ -94,6 +94,12 @@ def run_evaluation(cfg: EvalConfig) -> list[dict[str, Any]]:
         atomic_write_text(layout.table, combined_table(all_results))
         if len(sets) > 1:
             print(f"\n{combined_table(all_results)}\ncombined table: {layout.table}", flush=True)
+    # The ranks leave together: the others wait here until rank 0 has written the results, the model card
+    # (a file lock, often on a shared filesystem) and the W&B run. A launcher that ends the job once its first
+    # task exits (`srun --wait=N`, slurm/launch.sh) would otherwise kill rank 0 mid-write. The wait is bounded
+    # by the process group's timeout (DAPT_DIST_TIMEOUT_MINUTES, default 30); a rank 0 that fails instead
+    # ends the others' wait (the connection closes; under NCCL, srun --wait ends them).
+    barrier()
     if info.owns_group:
         shutdown()
     return all_results

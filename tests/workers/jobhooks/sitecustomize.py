@@ -1,0 +1,135 @@
+"""TEST-ONLY hooks for the processes of a Slurm job (tests/test_slurm.py puts this directory first on the
+job's PYTHONPATH; sbatch and srun pass it on to every task). Off unless their variable is set; product code
+is not changed (cf. tests/fp16/sitecustomize.py).
+
+DAPT_TEST_SLOW_WRITE=SECONDS   rank 0's final writes take SECONDS longer: it sleeps before each call of
+    `dapt.eval.evaluate.write_set` (the results, the model card and the W&B run of one test set) and of the
+    trainer's `export_checkpoint` (the exported model; the summary and W&B follow). The other ranks must wait
+    for it: under `srun --wait=N` with N < SECONDS they would otherwise exit first and srun would kill rank 0.
+DAPT_TEST_TIMES_DIR=DIR        where each process records when it exits (`exit-<rank>-<pid>.json`, an atexit
+    handler registered first, so it runs last) and rank 0 when each slow write ended (`write-<pid>.json`): a
+    test can check that no rank left before rank 0 had written.
+DAPT_TEST_ENV_DUMP=DIR         each srun task writes the launch-related variables it sees at start-up to
+    `DIR/env-<SLURM_PROCID>.json`.
+
+Nothing heavy is imported here: a meta-path hook patches the two modules when the job imports them.
+"""
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import sys
+import time
+
+_SLOW = float(os.environ.get("DAPT_TEST_SLOW_WRITE", "0") or 0)
+_TIMES = os.environ.get("DAPT_TEST_TIMES_DIR", "")
+ENV_NAMES = ("OMP_NUM_THREADS", "TOKENIZERS_PARALLELISM", "TORCH_EXTENSIONS_DIR", "TRITON_CACHE_DIR", "TMPDIR",
+             "SLURM_PROCID", "SLURM_LOCALID", "SLURM_CPUS_PER_TASK", "SLURM_STEP_NUM_TASKS", "SLURM_JOB_ID",
+             "SLURM_RESTART_COUNT", "USER")
+
+
+def _rank() -> str:
+    return os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "?"
+
+
+def _record(name: str, data: dict) -> None:
+    if not _TIMES:
+        return
+    os.makedirs(_TIMES, exist_ok=True)
+    path = os.path.join(_TIMES, name)
+    with open(path + ".tmp", "w") as f:
+        json.dump(data, f)
+    os.replace(path + ".tmp", path)
+
+
+def _slow(what: str, real):
+    def wrapper(*args, **kwargs):
+        if _rank() != "0":
+            return real(*args, **kwargs)
+        start = time.time()
+        print(f"dapt-test: rank 0 {what}: sleeping {_SLOW:g}s first", flush=True)
+        time.sleep(_SLOW)
+        result = real(*args, **kwargs)
+        _record(f"write-{what}-{os.getpid()}.json", {"what": what, "start": start, "end": time.time()})
+        print(f"dapt-test: rank 0 {what}: written", flush=True)
+        return result
+
+    return wrapper
+
+
+def _patch_evaluate(module) -> None:
+    module.write_set = _slow("write_set", module.write_set)
+
+
+def _patch_trainer(module) -> None:
+    module.export_checkpoint = _slow("export_checkpoint", module.export_checkpoint)
+
+
+_PATCHES = {"dapt.eval.evaluate": _patch_evaluate, "dapt.train.trainer": _patch_trainer} if _SLOW > 0 else {}
+
+
+class _PatchAfterImport:
+    """A sys.meta_path finder that only wraps the real loaders of the modules in _PATCHES."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        patch = _PATCHES.get(fullname)
+        if patch is None:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        loader = spec.loader
+        if loader is None or not hasattr(loader, "exec_module"):
+            return spec
+        real_exec = loader.exec_module
+
+        def exec_module(module):
+            real_exec(module)
+            patch(module)
+
+        loader.exec_module = exec_module
+        return spec
+
+
+def _at_exit() -> None:
+    _record(f"exit-{_rank()}-{os.getpid()}.json", {"rank": _rank(), "time": time.time()})
+
+
+def _dump_env() -> None:
+    folder = os.environ.get("DAPT_TEST_ENV_DUMP", "")
+    if not folder or "SLURM_STEP_ID" not in os.environ:  # srun tasks only, not the batch shell's helpers
+        return
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f"env-{os.environ.get('SLURM_PROCID', os.getpid())}.json"), "w") as f:
+        json.dump({k: os.environ.get(k) for k in ENV_NAMES}, f)
+
+
+def _chain_next_sitecustomize() -> None:
+    """Run the sitecustomize this file shadows, if any."""
+    import importlib.machinery
+    import importlib.util
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    rest = [p for p in sys.path if os.path.abspath(p or os.curdir) != here]
+    spec = importlib.machinery.PathFinder.find_spec("sitecustomize", rest)
+    if spec is None or spec.origin is None or os.path.abspath(spec.origin) == os.path.abspath(__file__):
+        return
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+
+if _PATCHES:
+    sys.meta_path.insert(0, _PatchAfterImport())
+if _TIMES and "SLURM_STEP_ID" in os.environ:
+    atexit.register(_at_exit)
+try:
+    _dump_env()
+    _chain_next_sitecustomize()
+except Exception as exc:  # noqa: BLE001 - never break interpreter start-up
+    print(f"tests/workers/jobhooks/sitecustomize.py: {exc!r}", file=sys.stderr)
