@@ -179,3 +179,113 @@ def test_length_bucketing_keeps_batches_random_and_world_size_independent():
     # the order of batches is still random: lengths of consecutive steps are not sorted
     firsts = [lengths[b[0]] for b in bucketed[:: eff // micro]]
     assert firsts != sorted(firsts) and firsts != sorted(firsts, reverse=True)
+
+
+# --- DAPT_CACHE_SCOPE: who tokenises first -----------------------------------------------------------
+
+CACHE_WORKER = '''
+import json, os, sys, time
+import torch, torch.distributed as dist
+from transformers import AutoTokenizer
+import dapt.data.mlm as mlm
+from dapt.config import MLMConfig
+from dapt.distributed import DistInfo
+
+dist.init_process_group("gloo")
+info = DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=int(os.environ["LOCAL_RANK"]),
+                device=torch.device("cpu"), backend="gloo")
+entered = []
+load_table = mlm.load_table
+def spy(*a, **k):  # the first thing the rank does inside node_main_first's block
+    entered.append(time.time())
+    if info.rank == 0:
+        time.sleep(2)  # rank 0 is slow: a rank that does not wait for it enters before it has written anything
+    return load_table(*a, **k)
+mlm.load_table = spy
+tok = AutoTokenizer.from_pretrained(sys.argv[1])
+cfg = MLMConfig(output_dir="x", data_files=[sys.argv[2]], max_seq_length=32, validation_split=0.1)
+train, val = mlm.mlm_splits(cfg, info, tok)
+files = sorted({f["filename"] for ds in (train, val) for f in ds.cache_files})
+json.dump({"rank": info.rank, "entered": entered[0], "blocks": len(train),
+           "files": {f: os.stat(f).st_mtime for f in files}}, open(sys.argv[3], "w"))
+dist.destroy_process_group()
+'''
+
+
+def _ranks_on_nodes(tmp_path, base_env, tiny_model, data, scope, local_ranks, caches):
+    """Two ranks as separate processes with the environment a launcher gives each (RANK, LOCAL_RANK,
+    ...): local_ranks [0, 0] are two nodes, [0, 1] one node. Returns each rank's report."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import free_port
+
+    worker = tmp_path / "worker.py"
+    worker.write_text(CACHE_WORKER)
+    port, procs = str(free_port()), []
+    for rank, (local, cache) in enumerate(zip(local_ranks, caches)):
+        env = dict(base_env, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(local),
+                   LOCAL_WORLD_SIZE=str(max(local_ranks) + 1),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port, HF_DATASETS_CACHE=str(cache), DAPT_CACHE_SCOPE=scope)
+        procs.append(subprocess.Popen([sys.executable, str(worker), str(tiny_model), str(data),
+                                       str(tmp_path / f"rank{rank}.json")], env=env, stderr=subprocess.PIPE, text=True))
+    for p in procs:
+        _, err = p.communicate(timeout=240)
+        assert p.returncode == 0, err[-3000:]
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def _tokenised_by_itself(report, cache):
+    """The rank's tokenised (and packed) data lie in `cache` and were written after it entered the block."""
+    return report["files"] and all(f.startswith(str(cache)) and t >= report["entered"]
+                                   for f, t in report["files"].items())
+
+
+def _reused(report, first):
+    """The rank's data are the first rank's files, untouched since before it entered the block."""
+    return report["files"] == first["files"] and all(t <= report["entered"] for t in report["files"].values())
+
+
+@pytest.mark.data
+def test_node_local_caches_are_filled_once_per_node(tmp_path, base_env, tiny_model, demo_files):
+    """DAPT_CACHE_SCOPE=node, two nodes with their own caches: the local rank 0 of each node tokenises
+    into its own cache (no waiting for the other node's, which it could not see)."""
+    caches = [tmp_path / "node0_cache", tmp_path / "node1_cache"]
+    r0, r1 = _ranks_on_nodes(tmp_path, base_env, tiny_model, demo_files["unlabelled"], "node", [0, 0], caches)
+    assert _tokenised_by_itself(r0, caches[0]) and _tokenised_by_itself(r1, caches[1])
+    assert r1["entered"] < min(r0["files"].values())  # node 1 did not wait for node 0
+    assert r0["blocks"] == r1["blocks"] > 0
+    for cache in caches:
+        assert list((cache / "dapt_tables").glob("table-*.arrow"))
+
+
+@pytest.mark.data
+@pytest.mark.parametrize("scope,local_ranks", [("shared", [0, 1]), ("shared", [0, 0]), ("node", [0, 1])],
+                         ids=["shared", "shared-two-nodes", "node-one-node"])
+def test_one_cache_is_filled_by_its_first_rank_only(scope, local_ranks, tmp_path, base_env, tiny_model, demo_files):
+    """A cache that both ranks see: with scope shared only global rank 0 tokenises (even with LOCAL_RANK
+    0 on both, i.e. nodes on a shared filesystem), and with scope node on one node only local rank 0;
+    the other rank starts after it and reuses its files."""
+    cache = tmp_path / "shared_cache"
+    r0, r1 = _ranks_on_nodes(tmp_path, base_env, tiny_model, demo_files["unlabelled"], scope, local_ranks,
+                             [cache, cache])
+    assert _tokenised_by_itself(r0, cache) and _reused(r1, r0)
+    assert r1["entered"] >= max(r0["files"].values())
+
+
+def test_cache_scope_setting(monkeypatch):
+    from dapt.distributed import cache_scope, is_cache_first
+
+    def info(rank, local):
+        return DistInfo(rank=rank, world_size=4, local_rank=local, device=torch.device("cpu"), backend="gloo")
+
+    monkeypatch.delenv("DAPT_CACHE_SCOPE", raising=False)
+    assert cache_scope() == "shared"
+    assert [is_cache_first(info(r, r % 2)) for r in range(4)] == [True, False, False, False]
+    monkeypatch.setenv("DAPT_CACHE_SCOPE", " Node ")
+    assert cache_scope() == "node"
+    assert [is_cache_first(info(r, r % 2)) for r in range(4)] == [True, False, True, False]
+    monkeypatch.setenv("DAPT_CACHE_SCOPE", "nfs")
+    with pytest.raises(DaptError, match="DAPT_CACHE_SCOPE=nfs: expected shared or node"):
+        cache_scope()

@@ -241,3 +241,68 @@ def test_real_tsv_with_unbalanced_quotes(tmp_path):
     f.write_bytes(b"text\tlabel\n" + src.read_bytes())
     texts, labels, _ = load([f])
     assert len(texts) == 1000 and sum(labels) == 500
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Stream in chunks of 3 rows, so a few rows cross several chunks."""
+    import dapt.data.sources as sources
+
+    monkeypatch.setattr(sources, "CHUNK_ROWS", 3)
+
+
+def write_parquet(path, **columns):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table(columns), path, row_group_size=4)
+    return path
+
+
+def test_parquet_streamed_in_chunks_checks_every_row(small_chunks, tmp_path):
+    """Errors, drops and row positions are the same whatever the chunking: counted over all rows."""
+    texts = [f"review {i}" for i in range(10)]
+    labels = [i % 2 for i in range(10)]
+    f = write_parquet(tmp_path / "a.parquet", text=texts, label=labels, id=list(range(100, 110)))
+    cfg = FinetuneConfig(output_dir="x", data_files=[str(f)])
+    ds, report = load_source(cfg, 0, "label")
+    assert list(ds["text"]) == texts and list(ds["label"]) == labels and list(ds["id"]) == list(range(100, 110))
+    assert report.rows_read == report.rows == 10
+
+    bad = texts[:4] + [" ", None] + texts[6:9] + ["<br />"]
+    g = write_parquet(tmp_path / "b.parquet", text=bad, label=labels)
+    with pytest.raises(DaptError, match=r"3 empty or non-text value\(s\) in column 'text' \(first at row 4;"):
+        load([g])
+    texts_kept, labels_kept, report = load([g], empty_texts="drop")
+    assert texts_kept == texts[:4] + texts[6:9] and labels_kept == labels[:4] + labels[6:9]
+    assert report.dropped_empty == 3 and report.rows == 7 and report.rows_read == 10
+    cfg = FinetuneConfig(output_dir="x", data_files=[str(g)], empty_texts="drop")
+    assert list(load_source(cfg, 0, "label")[0]["row"]) == [0, 1, 2, 3, 6, 7, 8]
+
+    h = write_parquet(tmp_path / "c.parquet", text=texts, label=[0, 1, 0, 1, 0, 1, 0, 7, 0, 9])
+    with pytest.raises(DaptError, match=r"2 label\(s\) outside \{0, 1\}.*first at row 7: 7;"):
+        load([h])
+    # several files: positions name the file and its own row
+    with pytest.raises(DaptError, match=r"2 label\(s\) outside \{0, 1\}.*first at .*c.parquet row 7: 7;"):
+        load([f, h])
+    import pyarrow as pa
+
+    raw = write_parquet(tmp_path / "d.parquet", text=pa.array([b"ok"] * 4 + [b"bad \xff"], pa.binary()), label=[0] * 5)
+    with pytest.raises(DaptError, match=r"d.parquet row 4: bytes that are not valid UTF-8"):
+        load([raw])
+    mixed = write_jsonl(tmp_path / "m.jsonl", [{"text": t, "label": 1} for t in texts] + [{"text": "x", "label": "neg"}])
+    with pytest.raises(DaptError, match=r"mixes types: number at row 0 \(1\) and text at row 10 \('neg'\)"):
+        load([mixed])
+
+
+def test_ids_become_text_when_a_later_chunk_has_text_ids(small_chunks, tmp_path):
+    """One type per id column: int ids already written are rewritten as text when a text id follows."""
+    a = write_parquet(tmp_path / "a.parquet", text=[f"r{i}" for i in range(7)], label=[0] * 7, id=list(range(7)))
+    b = write_jsonl(tmp_path / "b.jsonl", [{"text": "x", "label": 1, "id": "x-1"}, {"text": "y", "label": 0}])
+    cfg = FinetuneConfig(output_dir="x", data_files=[str(a), str(b)])
+    ds, _ = load_source(cfg, 0, "label")
+    assert list(ds["id"]) == [str(i) for i in range(7)] + ["x-1", None]
+    assert list(ds["text"]) == [f"r{i}" for i in range(7)] + ["x", "y"] and list(ds["label"]) == [0] * 7 + [1, 0]
+    c = write_jsonl(tmp_path / "c.jsonl", [{"text": "z", "label": 1, "id": 5}])
+    cfg = FinetuneConfig(output_dir="x", data_files=[str(a), str(c)])
+    assert list(load_source(cfg, 0, "label")[0]["id"]) == [*range(7), 5]  # ints stay ints

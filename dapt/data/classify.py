@@ -10,7 +10,7 @@ from dapt.config import EvalConfig, FinetuneConfig
 from dapt.data.prepared import load_prepared, stage_settings
 from dapt.data.sources import load_table, split_validation
 from dapt.data.text import cls_sep, encode_for_classification, map_procs
-from dapt.distributed import DistInfo, main_process_first
+from dapt.distributed import DistInfo, node_main_first
 
 
 def tokenize_for_classification(ds: Any, tokenizer: Any, max_seq_length: int, strategy: str,
@@ -53,11 +53,12 @@ def _encode(ds: Any, cfg: FinetuneConfig | EvalConfig, tokenizer: Any) -> Any:
 
 def classification_splits(cfg: FinetuneConfig, info: DistInfo, tokenizer: Any) -> tuple[Any, Any | None]:
     """The fine-tune stage's tokenised train and held-out splits: from a prepared directory (settings
-    checked), or read, split and tokenised here (rank 0 first, the others reuse its cache)."""
+    checked), or read, split and tokenised here (the first rank of each datasets cache first, the
+    others reuse it: see node_main_first)."""
     if cfg.prepared_dir:
         data = load_prepared(cfg.prepared_dir, stage_settings(cfg, "finetune", tokenizer))
         return data["train"], data.get("validation")
-    with main_process_first(info):
+    with node_main_first(info):
         table = load_table(cfg, cfg.seed, label_column=cfg.label_column)
         train, val = split_validation(table, cfg.validation_split, cfg.seed)
         return _encode(train, cfg, tokenizer), (_encode(val, cfg, tokenizer) if val is not None else None)
@@ -67,5 +68,5 @@ def eval_split(cfg: EvalConfig, info: DistInfo, tokenizer: Any) -> Any:
     """The evaluation job's tokenised test set: from a prepared directory, or read and tokenised here."""
     if cfg.prepared_dir:
         return load_prepared(cfg.prepared_dir, stage_settings(cfg, "evaluate", tokenizer))["test"]
-    with main_process_first(info):
+    with node_main_first(info):
         return _encode(load_table(cfg, seed=0, label_column=cfg.label_column), cfg, tokenizer)

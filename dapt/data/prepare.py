@@ -27,7 +27,7 @@ from dapt.config import to_dict
 from dapt.data.classify import classification_splits, eval_split
 from dapt.data.mlm import mlm_splits, tokenize_for_mlm
 from dapt.data.prepared import FORMAT, FORMAT_VERSION, MANIFEST, content_fingerprint, hash_file, stage_settings
-from dapt.data.sources import SourceReport, aclimdb_root, load_source, split_validation
+from dapt.data.sources import CHUNK_ROWS, SourceReport, aclimdb_root, load_source, split_validation
 from dapt.data.text import clean_text
 from dapt.distributed import DistInfo
 from dapt.errors import DaptError
@@ -67,18 +67,32 @@ def _percentiles(lengths: np.ndarray) -> dict[str, int]:
     return {"tokens_p50": int(p50), "tokens_p90": int(p90), "tokens_p99": int(p99), "tokens_max": int(lengths.max())}
 
 
+def _rows_of(ds: Any, values: np.ndarray) -> np.ndarray:
+    """Per-row values computed on a dataset's Arrow table, in the dataset's row order (through its indices
+    mapping, if any: a `select` or `shuffle` that was not flattened). No copy of the data is made."""
+    indices = getattr(ds, "_indices", None)
+    return values[indices.column(0).to_numpy()] if indices is not None else values
+
+
+def _column(ds: Any, name: str) -> np.ndarray:
+    """One scalar column as numpy, read from the memory-mapped Arrow table: O(rows) numbers, no Python
+    objects per row."""
+    return _rows_of(ds, ds.data.column(name).to_numpy())
+
+
 def summarize_classification(ds: Any) -> dict[str, Any]:
-    labels = np.asarray(ds["label"]) if "label" in ds.column_names else np.zeros(0)
-    lengths = ds["n_tokens"] if "n_tokens" in ds.column_names else ds["length"]
+    labels = _column(ds, "label") if "label" in ds.column_names else np.zeros(0)
+    lengths = _column(ds, "n_tokens" if "n_tokens" in ds.column_names else "length")
     return {"examples": len(ds), "negative": int((labels == 0).sum()), "positive": int((labels == 1).sum()),
-            **_percentiles(np.asarray(lengths)),
-            "truncated_share": round(float(np.mean(ds["truncated"])), 4) if len(ds) else 0.0}
+            **_percentiles(lengths),
+            "truncated_share": round(float(np.mean(_column(ds, "truncated"))), 4) if len(ds) else 0.0}
 
 
 def _token_counts(ds: Any) -> np.ndarray:
+    """Tokens per row (list lengths from the Arrow offsets; the token ids themselves are not read)."""
     import pyarrow.compute as pc
 
-    return pc.list_value_length(ds.flatten_indices().data.column("input_ids")).to_numpy()
+    return _rows_of(ds, pc.list_value_length(ds.data.column("input_ids")).to_numpy())
 
 
 def summarize_mlm(tokens: Any, rows: Any | None) -> dict[str, Any]:
@@ -146,8 +160,9 @@ def leakage(stage: str, cfg: Any, opts: PrepareOptions, table: Any) -> dict[str,
     # Read leniently: this is a report about the test text, not the data being prepared.
     test_cfg = dataclasses.replace(test_cfg, max_samples=0, empty_texts="drop", encoding_errors="replace")
     test, test_report = load_source(test_cfg, 0)
-    seen = {_digest(t) for t in test["text"]}
-    shared = sum(_digest(t) in seen for t in table["text"])
+    # Both tables are read in batches from their memory-mapped files; the set holds 16 bytes per test text.
+    seen = {_digest(t) for batch in test.iter(batch_size=CHUNK_ROWS) for t in batch["text"]}
+    shared = sum(_digest(t) in seen for batch in table.iter(batch_size=CHUNK_ROWS) for t in batch["text"])
     return {"test_source": test_report.source, "test_texts": len(test), "train_texts": len(table),
             "shared_texts": shared}
 

@@ -6,12 +6,18 @@ be repaired instead, by a switch, with a reported count: empty texts (`empty_tex
 that are not UTF-8 (`encoding_errors=replace`, decoded as U+FFFD).
 
 The validated table is written once to the datasets cache, keyed by the inputs and settings, so that
-`datasets.map` caches its tokenisation next to it: under `main_process_first` rank 0 reads, checks
-and tokenises, and the other ranks reuse both.
+`datasets.map` caches its tokenisation next to it: under `node_main_first` the first rank of the cache
+(rank 0, or each node's local rank 0 when the cache is node-local) reads, checks and tokenises, and
+the other ranks reuse both.
+
+Memory does not grow with the corpus: parquet files and hub splits are streamed in chunks of
+CHUNK_ROWS rows through the checks into the cached Arrow file, which is then memory-mapped. (CSV,
+TSV, JSON and aclImdb inputs are read one whole file at a time: for very large corpora use parquet
+or several files.)
 """
 from __future__ import annotations
 
-import bisect
+import contextlib
 import csv
 import hashlib
 import io
@@ -22,7 +28,7 @@ import sys
 import tarfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from dapt.config import ID2LABEL, DataConfig
 from dapt.data.text import clean_text
@@ -38,20 +44,36 @@ LABEL_NAMES = {"negative": 0, "neg": 0, "positive": 1, "pos": 1}
 ACLIMDB_SPLITS = {"train": "train", "test": "test", "unsupervised": "unsup", "unsup": "unsup"}
 _ACLIMDB_MEMBER = re.compile(r"(?:^|/)(train|test)/(pos|neg|unsup)/([^/]+)\.txt$")
 NEWLINE = b"\n"
+CHUNK_ROWS = 10_000  # rows per chunk when streaming parquet files and hub splits
 _TABLE_VERSION = 2  # bump when the cached table's layout or the validation rules change
 
 
 @dataclass
 class Part:
-    """Rows read from one input: a table file, an aclImdb tree or archive, or a hub split."""
+    """Rows read from one input: a table file, an aclImdb tree or archive, or a hub split.
+
+    Text formats (CSV, TSV, JSON, aclImdb) are read whole into `columns`; parquet files and hub splits
+    are streamed: `stream()` yields their rows in chunks of `CHUNK_ROWS`, so a corpus of any size is
+    never held in memory at once."""
 
     origin: str
-    columns: dict[str, list]  # the needed columns that the input has
+    columns: dict[str, list]  # the needed columns that the input has (streamed parts: empty)
     names: list[str]  # all its column names (for "missing column" errors)
     row_files: list[str] | None = None  # aclImdb: each row is its own file
+    present: list[str] | None = None  # streamed parts: the needed columns that the input has
+    chunks: Callable[[], Iterator[dict[str, list]]] | None = None  # streamed parts: the rows, in chunks
 
     def where(self, row: int) -> str:
         return self.row_files[row] if self.row_files else f"{self.origin} row {row}"
+
+    def has(self, column: str) -> bool:
+        return column in (self.present if self.chunks else self.columns)
+
+    def stream(self) -> Iterator[dict[str, list]]:
+        if self.chunks:
+            yield from self.chunks()
+        else:
+            yield self.columns
 
 
 @dataclass
@@ -143,27 +165,46 @@ def _first_line(exc: Exception) -> str:
 
 
 def read_parquet(path: Path, needed: Sequence[str], decoder: _Decoder) -> Part:
+    """A parquet file, streamed in record batches of CHUNK_ROWS rows (one batch in memory at a time)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
         names = pq.read_schema(path).names
-        table = pq.read_table(path, columns=[c for c in needed if c in names])
     except Exception as exc:  # pyarrow raises several types for damaged files
         raise DaptError(f"cannot read {path}: {_first_line(exc)}") from None
-    columns: dict[str, list] = {}
-    for name in table.column_names:
-        col = table.column(name)
-        if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+    present = [c for c in needed if c in names]
+
+    def chunks() -> Iterator[dict[str, list]]:
+        start = 0
+        try:
+            batches = pq.ParquetFile(path).iter_batches(batch_size=CHUNK_ROWS, columns=present)
+        except Exception as exc:
+            raise DaptError(f"cannot read {path}: {_first_line(exc)}") from None
+        while True:
             try:
-                col.validate(full=True)  # parquet writers can store bytes that are not UTF-8
-            except pa.ArrowInvalid:
-                col = col.cast(pa.large_binary() if pa.types.is_large_string(col.type) else pa.binary())
-        values = col.to_pylist()
-        if pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type):
-            values = [decoder.decode(v, f"{path} row {i}") if v is not None else None for i, v in enumerate(values)]
-        columns[name] = values
-    return Part(str(path), columns, names)
+                batch = next(batches, None)
+            except Exception as exc:
+                raise DaptError(f"cannot read {path}: {_first_line(exc)}") from None
+            if batch is None:
+                return
+            columns: dict[str, list] = {}
+            for name in batch.schema.names:
+                col = batch.column(name)
+                if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+                    try:
+                        col.validate(full=True)  # parquet writers can store bytes that are not UTF-8
+                    except pa.ArrowInvalid:
+                        col = col.cast(pa.large_binary() if pa.types.is_large_string(col.type) else pa.binary())
+                values = col.to_pylist()
+                if pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type):
+                    values = [decoder.decode(v, f"{path} row {start + i}") if v is not None else None
+                              for i, v in enumerate(values)]
+                columns[name] = values
+            start += batch.num_rows
+            yield columns
+
+    return Part(str(path), {}, names, present=present, chunks=chunks)
 
 
 def read_delimited(path: Path, delimiter: str, needed: Sequence[str], decoder: _Decoder) -> Part:
@@ -277,6 +318,7 @@ def read_aclimdb(kind: str, path: Path, split: str, text_col: str, label_col: st
 
 
 def read_hub(cfg: DataConfig, needed: Sequence[str]) -> tuple[Part, str]:
+    """A hub split (datasets' own memory-mapped cache), streamed in chunks; and its fingerprint."""
     import datasets
 
     source = f"{cfg.dataset_name} [{cfg.dataset_split}]"
@@ -285,8 +327,12 @@ def read_hub(cfg: DataConfig, needed: Sequence[str]) -> tuple[Part, str]:
     except Exception as exc:
         raise DaptError(f"cannot load dataset {source} (offline? pass local files with --data_files): "
                         f"{first_line(exc)}") from None
-    columns = {c: ds[c] for c in needed if c in ds.column_names}
-    return Part(source, columns, list(ds.column_names)), ds._fingerprint
+    present = [c for c in needed if c in ds.column_names]
+
+    def chunks() -> Iterator[dict[str, list]]:
+        yield from ds.select_columns(present).iter(batch_size=CHUNK_ROWS)
+
+    return Part(source, {}, list(ds.column_names), present=present, chunks=chunks), ds._fingerprint
 
 
 # --- validation ----------------------------------------------------------------------------------
@@ -318,94 +364,195 @@ class _Rows:
     """Row positions across all parts, for messages."""
 
     def __init__(self, parts: list[Part]):
-        self.parts = parts
-        self.starts = [0]
-        for p in parts:
-            self.starts.append(self.starts[-1] + len(next(iter(p.columns.values()), [])))
+        self.single = len(parts) == 1 and not parts[0].row_files
 
-    def where(self, i: int) -> str:
-        k = bisect.bisect_right(self.starts, i) - 1
-        if len(self.parts) == 1 and not self.parts[0].row_files:
-            return f"row {i}"  # the message already starts with the file
-        return self.parts[k].where(i - self.starts[k])
+    def where(self, i: int, part: Part, row: int) -> str:
+        """Row `i` of all parts in order, which is row `row` of `part`."""
+        return f"row {i}" if self.single else part.where(row)  # one file: the message already names it
+
+
+def _label_kind(value: Any) -> str | None:
+    return "text" if isinstance(value, str) else "number" if isinstance(value, (int, float)) else None
 
 
 @dataclass
-class Table:
-    """The validated rows: texts, label ids, each row's index in the input, and the input's ids if any."""
+class _Checks:
+    """What validation finds, gathered chunk by chunk over all rows. The errors are raised once every
+    row was seen, in a fixed order, so a message (counts, first position) does not depend on chunking."""
 
-    texts: list[str]
-    labels: list[int] | None
-    rows: list[int]  # position in the input (all parts in order), before empty texts were dropped
-    ids: list[Any] | None  # the `id_column` values, when the input has that column
+    rows: int = 0
+    kept: int = 0
+    non_text: int = 0
+    non_text_kinds: set = field(default_factory=set)
+    first_non_text: tuple[str, Any] | None = None
+    empty: int = 0
+    first_empty: str = ""
+    label_kinds: dict = field(default_factory=dict)  # kind -> (row, where, value) of its first value
+    bad_labels: int = 0
+    first_bad_label: tuple[str, Any] | None = None
+
+    def failed(self, empty_texts: str) -> bool:
+        return bool(self.non_text or (self.empty and empty_texts != "drop") or len(self.label_kinds) > 1
+                    or self.bad_labels)
+
+    def raise_errors(self, cfg: DataConfig, label_col: str | None, report: SourceReport) -> None:
+        text_col = cfg.text_column
+        if not self.rows:
+            raise DaptError(f"{report.source}: no rows")
+        if self.non_text:
+            kinds = sorted(self.non_text_kinds | ({"str"} if self.non_text < self.rows else set()))
+            where, value = self.first_non_text
+            raise DaptError(f"{report.source}: {self.non_text} non-text value(s) in column '{text_col}', mixed types "
+                            f"{'/'.join(kinds)} (first at {where}: {value!r})")
+        if self.empty and cfg.empty_texts != "drop":
+            raise DaptError(f"{report.source}: {self.empty} empty or non-text value(s) in column '{text_col}' "
+                            f"(first at {self.first_empty}; pass --empty_texts drop to drop them)")
+        if len(self.label_kinds) > 1:
+            (_, wa, a), (_, wb, b) = sorted(self.label_kinds.values(), key=lambda r: r[0])
+            raise DaptError(f"{report.source}: column '{label_col}' mixes types: {_label_kind(a)} at {wa} "
+                            f"({a!r}) and {_label_kind(b)} at {wb} ({b!r})")
+        if self.bad_labels:
+            accepted = ", ".join(sorted(label_names(cfg)))
+            where, value = self.first_bad_label
+            raise DaptError(f"{report.source}: {self.bad_labels} label(s) outside {{0, 1}} in column '{label_col}' "
+                            f"(first at {where}: {value!r}; names accepted: {accepted})")
+        if not self.kept:
+            raise DaptError(f"{report.source}: every text is empty")
 
 
-def _ids(parts: list[Part], cfg: DataConfig) -> list[Any] | None:
-    """The input's example ids (kept for per-example predictions); None when no part has the column."""
-    if not cfg.id_column or not any(cfg.id_column in p.columns for p in parts):
-        return None
-    ids = [x for p in parts for x in p.columns.get(cfg.id_column, [None] * len(p.columns[cfg.text_column]))]
-    if not all(isinstance(x, int) or x is None for x in ids):
-        ids = [None if x is None else str(x) for x in ids]  # one type per column: mixed ids become text
-    return ids
+def _int_ids(ids: list) -> bool:
+    """One type per id column: ints (or missing) stay ints; any other value makes the column text."""
+    return all(isinstance(x, int) or x is None for x in ids)
 
 
-def validate_parts(parts: list[Part], cfg: DataConfig, label_col: str | None, report: SourceReport) -> Table:
-    """All parts' rows after every check; empty texts dropped if allowed."""
+class _TableWriter:
+    """The validated rows, appended chunk by chunk to an Arrow file (datasets' format): `text`, `row`
+    (position in the input before empty texts were dropped), `label` ids, and the input's `id`s."""
+
+    def __init__(self, path: Path, labels: bool, ids: bool):
+        self.path, self.labels, self.ids = path, labels, ids
+        self.writer: Any = None
+        self.text_ids = False  # the id column holds text (some id was not an int)
+
+    def _open(self, path: Path) -> Any:
+        from datasets.arrow_writer import ArrowWriter
+
+        return ArrowWriter(path=str(path))
+
+    def _ids_as_text(self) -> None:
+        """An id that is not an int after int ids were written: rewrite the file with text ids (one
+        streamed pass, batch by batch), then go on."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        self.text_ids = True
+        if self.writer is None:
+            return
+        self.writer.finalize()
+        self.writer.close()
+        old = self.path.with_name(self.path.name + ".int-ids")
+        self.path.replace(old)
+        self.writer = self._open(self.path)
+        with pa.memory_map(str(old)) as source:
+            for batch in pa.ipc.open_stream(source):
+                i = batch.schema.get_field_index("id")
+                batch = batch.set_column(i, "id", pc.cast(batch.column(i), pa.string()))
+                self.writer.write_table(pa.Table.from_batches([batch]))
+        old.unlink()
+
+    def write(self, texts: list[str], rows: list[int], labels: list[int] | None, ids: list | None,
+              int_ids: bool) -> None:
+        import pyarrow as pa
+
+        if self.ids and not int_ids and not self.text_ids:
+            self._ids_as_text()
+        columns: dict[str, Any] = {"text": pa.array(texts, pa.string()), "row": pa.array(rows, pa.int64())}
+        if self.labels:
+            columns["label"] = pa.array(labels, pa.int64())
+        if self.ids:
+            columns["id"] = (pa.array([None if x is None else str(x) for x in ids], pa.string()) if self.text_ids
+                             else pa.array(ids, pa.int64()))
+        if self.writer is None:
+            self.writer = self._open(self.path)
+        self.writer.write_table(pa.table(columns))
+
+    def finish(self) -> None:
+        self.writer.finalize()
+        self.writer.close()
+
+    def discard(self) -> None:
+        if self.writer is not None:
+            with contextlib.suppress(Exception):
+                self.writer.close()
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+
+
+def write_validated(parts: list[Part], cfg: DataConfig, label_col: str | None, report: SourceReport,
+                    path: Path) -> None:
+    """Check every row of every part and write the valid rows (empty texts dropped if allowed) to the
+    Arrow file `path`, one chunk at a time: memory holds one chunk, not the corpus. Nothing is left at
+    `path` when a check fails; another process never sees a half-written file."""
     text_col = cfg.text_column
     for p in parts:
         for col in [text_col] + ([label_col] if label_col else []):
-            if col not in p.columns:
+            if not p.has(col):
                 raise DaptError(f"{p.origin}: missing column '{col}' (columns: {', '.join(p.names)})")
-    rows = _Rows(parts)
-    texts = [t for p in parts for t in p.columns[text_col]]
-    report.rows_read = len(texts)
-    if not texts:
-        raise DaptError(f"{report.source}: no rows")
-
-    odd = [i for i, t in enumerate(texts) if t is not None and not isinstance(t, str)]
-    if odd:
-        kinds = sorted({type(texts[i]).__name__ for i in odd} | ({"str"} if len(odd) < len(texts) else set()))
-        raise DaptError(f"{report.source}: {len(odd)} non-text value(s) in column '{text_col}', mixed types "
-                        f"{'/'.join(kinds)} (first at {rows.where(odd[0])}: {texts[odd[0]]!r})")
-    empty = [i for i, t in enumerate(texts) if t is None or not clean_text(t)]
-    if empty and cfg.empty_texts != "drop":
-        raise DaptError(f"{report.source}: {len(empty)} empty or non-text value(s) in column '{text_col}' "
-                        f"(first at {rows.where(empty[0])}; pass --empty_texts drop to drop them)")
-
-    labels: list[int] | None = None
-    if label_col:
-        raw = [y for p in parts for y in p.columns[label_col]]
-        kind = lambda y: "text" if isinstance(y, str) else "number" if isinstance(y, (int, float)) else None  # noqa: E731
-        first: dict[str, int] = {}
-        for i, y in enumerate(raw):
-            k = kind(y)
-            if k and k not in first:
-                first[k] = i
-        if len(first) > 1:
-            a, b = sorted(first.values())
-            raise DaptError(f"{report.source}: column '{label_col}' mixes types: {kind(raw[a])} at {rows.where(a)} "
-                            f"({raw[a]!r}) and {kind(raw[b])} at {rows.where(b)} ({raw[b]!r})")
-        names = label_names(cfg)
-        labels = [_label_value(y, names) for y in raw]
-        wrong = [i for i, y in enumerate(labels) if y is None]
-        if wrong:
-            accepted = ", ".join(sorted(names))
-            raise DaptError(f"{report.source}: {len(wrong)} label(s) outside {{0, 1}} in column '{label_col}' "
-                            f"(first at {rows.where(wrong[0])}: {raw[wrong[0]]!r}; names accepted: {accepted})")
-
-    rows, ids = list(range(len(texts))), _ids(parts, cfg)
-    if empty:
-        drop = set(empty)
-        keep = [i for i in range(len(texts)) if i not in drop]
-        texts, rows = [texts[i] for i in keep], keep
-        labels = [labels[i] for i in keep] if labels is not None else None
-        ids = [ids[i] for i in keep] if ids is not None else None
-        report.dropped_empty = len(empty)
-        if not texts:
-            raise DaptError(f"{report.source}: every text is empty")
-    report.rows = len(texts)
-    return Table(texts, labels, rows, ids)
+    with_ids = bool(cfg.id_column) and any(p.has(cfg.id_column) for p in parts)
+    names = label_names(cfg) if label_col else {}
+    rows, checks = _Rows(parts), _Checks()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = _TableWriter(path.with_name(f"{path.name}.{os.getpid()}.tmp"), label_col is not None, with_ids)
+    try:
+        for part in parts:
+            local = 0  # row number inside the part
+            for chunk in part.stream():
+                texts = chunk[text_col]
+                base = checks.rows
+                keep: list[int] = []
+                for j, t in enumerate(texts):
+                    if t is not None and not isinstance(t, str):
+                        checks.non_text += 1
+                        checks.non_text_kinds.add(type(t).__name__)
+                        checks.first_non_text = checks.first_non_text or (rows.where(base + j, part, local + j), t)
+                    elif t is None or not clean_text(t):
+                        checks.empty += 1
+                        checks.first_empty = checks.first_empty or rows.where(base + j, part, local + j)
+                    else:
+                        keep.append(j)
+                labels: list[int] | None = None
+                if label_col:
+                    labels = []
+                    for j, y in enumerate(chunk[label_col]):
+                        k = _label_kind(y)
+                        if k and k not in checks.label_kinds:
+                            checks.label_kinds[k] = (base + j, rows.where(base + j, part, local + j), y)
+                        value = _label_value(y, names)
+                        if value is None:
+                            checks.bad_labels += 1
+                            checks.first_bad_label = checks.first_bad_label or (
+                                rows.where(base + j, part, local + j), y)
+                        labels.append(value)
+                checks.rows += len(texts)
+                local += len(texts)
+                if checks.failed(cfg.empty_texts) or not keep:
+                    continue  # an error follows: keep counting, stop writing
+                ids = chunk.get(cfg.id_column) if with_ids else None
+                ids = ids if ids is not None or not with_ids else [None] * len(texts)
+                writer.write([texts[j] for j in keep], [base + j for j in keep],
+                             [labels[j] for j in keep] if labels is not None else None,
+                             [ids[j] for j in keep] if ids is not None else None,
+                             _int_ids(ids) if ids is not None else True)
+                checks.kept += len(keep)
+        report.rows_read = checks.rows
+        checks.raise_errors(cfg, label_col, report)
+        report.dropped_empty = checks.empty
+        report.rows = checks.kept
+        writer.finish()
+        writer.path.replace(path)
+    except BaseException:
+        writer.discard()
+        raise
 
 
 # --- the cached table ----------------------------------------------------------------------------
@@ -432,30 +579,32 @@ def source_key(cfg: DataConfig, label_col: str | None) -> tuple[str, list[tuple[
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24], inputs
 
 
-def read_source(cfg: DataConfig, label_col: str | None, inputs: list[tuple[str, Path]]
-                ) -> tuple[Table, SourceReport]:
-    """Read and validate every input (the hub split when there are no local inputs)."""
+def read_source(cfg: DataConfig, label_col: str | None, inputs: list[tuple[str, Path]], path: Path) -> SourceReport:
+    """Read and validate every input (the hub split when there are no local inputs) into the Arrow file
+    `path`, streamed: parquet files and hub splits chunk by chunk, the other formats a file at a time."""
     needed = [cfg.text_column] + ([label_col] if label_col else []) + ([cfg.id_column] if cfg.id_column else [])
     if not inputs:
         part, fingerprint = read_hub(cfg, needed)
         report = SourceReport(part.origin, inputs=[{"dataset": cfg.dataset_name, "split": cfg.dataset_split,
                                                     "datasets_fingerprint": fingerprint}])
-        return validate_parts([part], cfg, label_col, report), report
+        write_validated([part], cfg, label_col, report, path)
+        return report
     report = SourceReport(_describe([str(p) for _, p in inputs]))
     decoder = _Decoder(cfg.encoding_errors, report)
     parts = []
-    for kind, path in inputs:
-        report.inputs.append({"path": str(path.resolve()), "format": kind,
-                              "bytes": path.stat().st_size if path.is_file() else None})
+    for kind, path_in in inputs:
+        report.inputs.append({"path": str(path_in.resolve()), "format": kind,
+                              "bytes": path_in.stat().st_size if path_in.is_file() else None})
         if kind in ("aclimdb", "aclimdb.tar"):
-            parts.append(read_aclimdb(kind, path, cfg.dataset_split, cfg.text_column, label_col, decoder))
+            parts.append(read_aclimdb(kind, path_in, cfg.dataset_split, cfg.text_column, label_col, decoder))
         elif kind == "parquet":
-            parts.append(read_parquet(path, needed, decoder))
+            parts.append(read_parquet(path_in, needed, decoder))  # streamed: read while writing
         elif kind in ("csv", "tsv"):
-            parts.append(read_delimited(path, "\t" if kind == "tsv" else ",", needed, decoder))
+            parts.append(read_delimited(path_in, "\t" if kind == "tsv" else ",", needed, decoder))
         else:
-            parts.append(read_json(path, needed, decoder))
-    return validate_parts(parts, cfg, label_col, report), report
+            parts.append(read_json(path_in, needed, decoder))
+    write_validated(parts, cfg, label_col, report, path)
+    return report
 
 
 def _cache_dir() -> Path:
@@ -464,25 +613,9 @@ def _cache_dir() -> Path:
     return Path(datasets.config.HF_DATASETS_CACHE) / "dapt_tables"
 
 
-def _write_table(table: Table, path: Path) -> None:
-    import pyarrow as pa
-    from datasets.arrow_writer import ArrowWriter
-
-    columns: dict[str, Any] = {"text": pa.array(table.texts, pa.string()), "row": pa.array(table.rows, pa.int64())}
-    if table.labels is not None:
-        columns["label"] = pa.array(table.labels, pa.int64())
-    if table.ids is not None:
-        columns["id"] = pa.array(table.ids)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with ArrowWriter(path=str(tmp)) as writer:
-        writer.write_table(pa.table(columns))
-        writer.finalize()
-    tmp.replace(path)  # another rank never sees a half-written table
-
-
 def load_source(cfg: DataConfig, seed: int, label_col: str | None = None) -> tuple[Any, SourceReport]:
-    """A file-backed `datasets.Dataset` with `text` (and `label` ids), and the report of reading it.
+    """A file-backed (memory-mapped) `datasets.Dataset` with `text` (and `label` ids), and the report
+    of reading it.
 
     The validated table is cached by `source_key`: a second reader (another rank, a later run) skips
     reading and checking. `max_samples` then takes a seeded random subset."""
@@ -497,8 +630,7 @@ def load_source(cfg: DataConfig, seed: int, label_col: str | None = None) -> tup
     if path.is_file() and report_path.is_file():
         report = SourceReport(**json.loads(report_path.read_text()))
     else:
-        table, report = read_source(cfg, label_col, inputs)
-        _write_table(table, path)
+        report = read_source(cfg, label_col, inputs, path)
         atomic_write_text(report_path, json.dumps(asdict(report)))
     ds = datasets.Dataset.from_file(str(path))
     if cfg.max_samples and cfg.max_samples < len(ds):
