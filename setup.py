@@ -27,7 +27,8 @@ setup(
         "matplotlib",  # dapt report
     ],
     extras_require={
-        "test": ["pytest>=7", "scikit-learn", "selenium"],  # selenium: the demo page in headless Chromium
+        # selenium: the demo page in headless Chromium; accelerate: the HF Trainer arm of the gpu_speed smoke test
+        "test": ["pytest>=7", "scikit-learn", "selenium", "accelerate"],
         "mpi": ["mpi4py"],
         "wandb": ["wandb"],
         "demo": ["gradio"],  # dapt demo: the Gradio page
