@@ -22,6 +22,7 @@ setup(
         "datasets>=2.19",
         "safetensors",
         "numpy",
+        "scipy>=1.13",  # dapt/eval/stats.py: betainccinv is 1.12+; 1.13.1 is the oldest that passes tests/test_stats.py
         "pyyaml",
         "tqdm",  # the progress bar in a terminal
         "matplotlib",  # dapt report

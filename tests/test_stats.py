@@ -1,11 +1,12 @@
-"""dapt.eval.stats: intervals and paired tests against published values, direct sums and (where
-installed) scipy / scikit-learn. Pure unit tests: no ranks, no subprocesses, no torch."""
+"""dapt.eval.stats: intervals and paired tests against published values, closed forms, direct sums,
+scipy.stats and (where installed) scikit-learn. Pure unit tests: no ranks, no subprocesses, no torch."""
 from __future__ import annotations
 
 import math
 
 import numpy as np
 import pytest
+from scipy import stats
 
 from dapt.eval.stats import (
     accuracy_difference_interval,
@@ -51,7 +52,6 @@ def test_t_quantile_tends_to_normal():
 
 
 def test_quantiles_match_scipy():
-    stats = pytest.importorskip("scipy.stats")
     for p in [1e-12, 1e-6, 0.001, 0.01, 0.025, 0.1, 0.3, 0.4999, 0.6, 0.9, 0.975, 0.999, 1 - 1e-9]:
         assert normal_quantile(p) == pytest.approx(stats.norm.ppf(p), rel=1e-12, abs=1e-12)
         for df in [0.5, 1, 1.5, 2, 3, 4, 7.3, 10, 29, 100, 999, 1e5, 3e6]:
@@ -64,6 +64,24 @@ def test_t_quantile_inverts_its_cdf_in_far_tails():
     c = math.exp(math.lgamma(5.5) - math.lgamma(5) - 0.5 * math.log(10 * math.pi)) * 10**5.5 / 10
     assert c * abs(t) ** -10 == pytest.approx(1e-300, rel=1e-8)
     assert t_quantile(1e-300, 0.1) == -math.inf  # beyond the largest float
+
+
+def test_t_quantile_closed_forms():
+    # df=1 (Cauchy) and df=2 have closed-form quantiles, independent of any incomplete beta.
+    for p in [1e-300, 1e-12, 1e-6, 0.01, 0.2, 0.4999, 0.75, 0.975, 1 - 1e-9]:
+        q = min(p, 1 - p)
+        sign = -1.0 if p < 0.5 else 1.0
+        assert t_quantile(p, 1) == pytest.approx(sign / math.tan(math.pi * q), rel=1e-12), p
+        assert t_quantile(p, 2) == pytest.approx(sign * (1 - 2 * q) / math.sqrt(2 * q * (1 - q)), rel=1e-12), p
+
+
+def test_t_quantile_far_tails_where_scipy_stdtrit_is_off():
+    # scipy.stats.t.ppf(1e-200, 3) is 2x too small in magnitude; check through P(T < -t) ~ c t^-df.
+    t = t_quantile(1e-200, 3)
+    c = math.exp(math.lgamma(2.0) - math.lgamma(1.5) - 0.5 * math.log(3 * math.pi)) * 3**2.0 / 3
+    assert c * abs(t) ** -3 == pytest.approx(1e-200, rel=1e-8)
+    for df in [3, 100]:  # the smallest positive float still gives a finite quantile
+        assert -math.inf < t_quantile(5e-324, df) < t_quantile(1e-300, df) < 0
 
 
 @pytest.mark.parametrize("call", [
@@ -102,7 +120,6 @@ def test_wilson_edges_and_confidence():
 
 
 def test_wilson_matches_scipy():
-    stats = pytest.importorskip("scipy.stats")
     for k, n in [(0, 1), (1, 1), (3, 7), (950, 1000), (24_999, 25_000), (12_345, 25_000)]:
         ci = stats.binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
         assert wilson_interval(k, n) == pytest.approx((ci.low, ci.high), abs=1e-12)
@@ -216,7 +233,6 @@ def test_mean_interval_by_hand():
 
 
 def test_mean_interval_matches_scipy():
-    stats = pytest.importorskip("scipy.stats")
     values = [0.912, 0.905, 0.921, 0.899, 0.917]
     r = mean_interval(values, confidence=0.9)
     low, high = stats.t.interval(0.9, len(values) - 1, loc=np.mean(values), scale=stats.sem(values))
@@ -286,7 +302,6 @@ def test_mcnemar_exact_matches_direct_sums_and_scales():
 
 
 def test_mcnemar_matches_scipy_binomtest():
-    stats = pytest.importorskip("scipy.stats")
     for b, c in [(1, 6), (15, 30), (210, 250), (2000, 2100)]:
         assert mcnemar_exact(b, c) == pytest.approx(stats.binomtest(b, b + c, 0.5).pvalue, rel=1e-9)
 
