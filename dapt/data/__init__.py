@@ -1,0 +1,1 @@
+"""Data: sources, cleaning and encoding, MLM packing and masking, labels, batching, prepared (tokenised) sets."""

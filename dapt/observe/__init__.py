@@ -1,0 +1,1 @@
+"""Watching a run: metrics log, W&B tracking, progress, throughput (MFU), reports and sweep summaries."""

@@ -1,0 +1,1 @@
+"""Serving an exported classifier: predictions and the Gradio demo."""
