@@ -12,7 +12,10 @@ setup(
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
+    # Every subpackage has an __init__.py (tests/test_packaging.py checks the wheel holds every module);
+    # the DeepSpeed configs and recipes ship inside the package, found by name (dapt/configs/).
     packages=find_packages(include=["dapt", "dapt.*"]),
+    package_data={"dapt.configs": ["ds/*.json", "recipes/*.yaml"]},
     install_requires=[
         # torch is pinned by the Makefile (a CPU wheel here, the cluster's CUDA build elsewhere);
         # any 2.x that DeepSpeed accepts works.

@@ -87,7 +87,7 @@ def dapt_run(stage: str, name: str, data: Path, max_length: int, batch: int, out
     """dapt on `ranks` ranks (each with cores / ranks threads): seconds of its logged steps, the real tokens
     it trained on, and the seconds left out at the epoch's end (summary.json's train_seconds minus the steps)."""
     run_dir = out / f"{stage}-{name}"
-    cmd = [*deepspeed_command(f"{stage}.py", ranks),
+    cmd = [*deepspeed_command(stage, ranks),
            "--model_name_or_path", "minilm-l6", "--data_files", str(data), "--output_dir", str(run_dir),
            "--overwrite_output_dir", "--ds_config", "ds_configs/zero2_auto.json", "--max_seq_length", str(max_length),
            "--num_epochs", "1", "--effective_batch_size", str(batch), "--micro_batch_size", str(batch // ranks),

@@ -67,7 +67,7 @@ def sample(data: Path, out: Path, seed: int, labelled: int, unlabelled: int, tes
 
 def run_mlm(paths: dict[str, Path], out: Path, ranks: int, epochs: int, lr: float, wwm: bool) -> None:
     m = MLM
-    run_logged([*deepspeed_command("mlm.py", ranks), "--model_name_or_path", MODEL, "--data_files", paths["unlabelled"],
+    run_logged([*deepspeed_command("mlm", ranks), "--model_name_or_path", MODEL, "--data_files", paths["unlabelled"],
                 "--output_dir", out, "--overwrite_output_dir", "--ds_config", "ds_configs/zero2_auto.json",
                 "--max_seq_length", m["max_seq_length"], "--num_epochs", epochs, "--effective_batch_size", m["batch"],
                 "--micro_batch_size", m["batch"] // ranks, "--learning_rate", lr, "--warmup", m["warmup"],
@@ -90,14 +90,14 @@ def run_finetune(model: str | Path, paths: dict[str, Path], out: Path, ranks: in
         print(f"reusing {done}", flush=True)
         return saved["result"]
     r = RECIPE
-    run_logged([*deepspeed_command("finetune.py", ranks), "--model_name_or_path", model,
+    run_logged([*deepspeed_command("finetune", ranks), "--model_name_or_path", model,
                 "--data_files", paths["labelled"], "--output_dir", out / "finetune", "--overwrite_output_dir",
                 "--ds_config", "ds_configs/zero2_auto.json", "--max_seq_length", r["max_seq_length"],
                 "--truncation", "head+tail", "--head_tokens", r["head_tokens"], "--num_epochs", r["epochs"],
                 "--effective_batch_size", r["batch"], "--micro_batch_size", r["batch"] // ranks,
                 "--learning_rate", r["learning_rate"], "--warmup", r["warmup"], "--validation_split", "0",
                 "--save_steps", "0", "--logging_steps", "25", "--seed", seed], out / "finetune.log")
-    run_logged([*deepspeed_command("evaluate.py", ranks), "--model_name_or_path", out / "finetune",
+    run_logged([*deepspeed_command("evaluate", ranks), "--model_name_or_path", out / "finetune",
                 "--data_files", paths["test"], "--save_predictions", "--output_dir", out / "eval",
                 "--overwrite_output_dir"], out / "eval.log")
     results = json.loads((out / "eval" / "eval_results.json").read_text())

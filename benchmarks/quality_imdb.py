@@ -58,7 +58,7 @@ def sample(data: Path, out: Path, seed: int) -> dict[str, Path]:
 
 def run_dapt(paths: dict[str, Path], out: Path, ranks: int, seed: int) -> dict:
     r = RECIPE
-    run_logged([*deepspeed_command("finetune.py", ranks), "--model_name_or_path", MODEL, "--data_files",
+    run_logged([*deepspeed_command("finetune", ranks), "--model_name_or_path", MODEL, "--data_files",
                 paths["train"], "--output_dir", out / "finetune", "--overwrite_output_dir",
                 "--ds_config", "ds_configs/zero2_auto.json", "--max_seq_length", r["max_seq_length"],
                 "--truncation", "head+tail", "--head_tokens", r["head_tokens"], "--num_epochs", r["epochs"],
@@ -66,7 +66,7 @@ def run_dapt(paths: dict[str, Path], out: Path, ranks: int, seed: int) -> dict:
                 "--learning_rate", r["learning_rate"], "--warmup", r["warmup"], "--max_grad_norm", "0",
                 "--validation_split", r["validation_split"], "--select_best", "accuracy",
                 "--eval_steps", r["eval_steps"], "--logging_steps", "25", "--seed", seed], out / "finetune.log")
-    run_logged([*deepspeed_command("evaluate.py", ranks), "--model_name_or_path", out / "finetune",
+    run_logged([*deepspeed_command("evaluate", ranks), "--model_name_or_path", out / "finetune",
                 "--eval_sets", f"imdb-test={paths['test']}", f"mr={paths['mr']}", "--save_predictions",
                 "--output_dir", out / "eval", "--overwrite_output_dir"], out / "eval.log")
     summary = json.loads((out / "finetune" / "summary.json").read_text())

@@ -12,14 +12,13 @@ import importlib.util
 import re
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Sequence, TypeVar
 
 import yaml
 
+from dapt.configs import find_recipe
 from dapt.errors import DaptError, first_line
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("mlm", "finetune", "evaluate", "export")
 TRUNCATIONS = ("head", "head+tail")
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "chunked")  # see dapt/model/attention.py
@@ -61,7 +60,7 @@ class TrainConfig(DataConfig):
     model_name_or_path: str = "bert-base-uncased"
     # Engine settings (ZeRO stage, precision, loss scaling, offload); batch sizes, optimizer and
     # schedule are filled in from the fields below and must not be set there.
-    ds_config: str = "ds_configs/zero2_fp16.json"
+    ds_config: str = "zero2_fp16"
     seed: int = 42
     overwrite_output_dir: bool = False
     # Batch: the effective batch is fixed by the recipe; accumulation = effective / (micro * world).
@@ -225,9 +224,7 @@ def _coerce(name: str, kind: Any, value: Any) -> Any:
 
 
 def _read_recipe(path: str, stage: str, cls: type) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise DaptError(f"config file not found: {path}")
+    p = find_recipe(path)  # a file, or a packaged recipe by name (dapt/configs/recipes/)
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as exc:
@@ -435,12 +432,3 @@ def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
-
-
-def resolve_path(path: str) -> Path:
-    """A user path, or one relative to the repository (so `ds_configs/...` works from any CWD)."""
-    p = Path(path).expanduser()
-    if p.exists() or p.is_absolute():
-        return p
-    candidate = REPO_ROOT / p
-    return candidate if candidate.exists() else p

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import site
 import subprocess
 import sys
 import time
@@ -21,7 +22,8 @@ from typing import Sequence
 
 from deepspeed.accelerator import get_accelerator
 
-from dapt.config import REPO_ROOT, FinetuneConfig, parse_config
+import dapt
+from dapt.config import FinetuneConfig, parse_config
 from dapt.data.demo import write_demo_data
 from dapt.distributed import free_port
 from dapt.errors import DaptError
@@ -42,19 +44,39 @@ def default_ranks() -> int:
     return 2 if acc.device_name() == "cpu" else max(1, acc.device_count())
 
 
-def deepspeed_command(script: str, ranks: int) -> list[str]:
-    """`deepspeed --num_gpus N --master_port <free port> launch/<script>`, with the launcher beside
-    this interpreter (a venv), else the one on PATH."""
-    launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
-    return [launcher, "--num_gpus", str(ranks), "--master_port", str(free_port()), str(REPO_ROOT / "launch" / script)]
+def deepspeed_launcher(ranks: int) -> list[str]:
+    """`deepspeed --num_gpus N --master_port <free port>` of this interpreter's environment: its
+    `deepspeed` script when it has one (a venv), else `python -m deepspeed.launcher.runner`, so the
+    ranks run the same Python (and the same dapt) as the caller."""
+    launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent))
+    return [*([launcher] if launcher else [sys.executable, "-m", "deepspeed.launcher.runner"]),
+            "--num_gpus", str(ranks), "--master_port", str(free_port())]
 
 
-def run_job(script: str, ranks: int, args: list[str]) -> None:
-    cmd = [*deepspeed_command(script, ranks), *args]
+def deepspeed_command(stage: str, ranks: int) -> list[str]:
+    """The launcher running `python -m dapt <stage>` on each rank: the installed package, never a file
+    of a checkout. `stage` may be written as its launch/ script (`mlm.py`)."""
+    return [*deepspeed_launcher(ranks), "--module", "dapt", stage.removesuffix(".py")]
+
+
+def rank_env() -> dict[str, str]:
+    """This environment, where the ranks' `python -m dapt` finds the dapt this process runs: an installed
+    one is found anyway; a checkout that is not installed (`python launch/pipeline.py`) goes first on
+    PYTHONPATH."""
+    env = dict(os.environ)
+    src = Path(dapt.__file__).resolve().parent.parent
+    if src not in {Path(p).resolve() for p in [*site.getsitepackages(), site.getusersitepackages()]}:
+        env["PYTHONPATH"] = os.pathsep.join([str(src), *filter(None, [env.get("PYTHONPATH")])])
+    return env
+
+
+def run_job(stage: str, ranks: int, args: list[str]) -> None:
+    """One stage under the deepspeed launcher, in the caller's directory (relative paths keep their meaning)."""
+    cmd = [*deepspeed_command(stage, ranks), *args]
     print(f"\n==> {' '.join(cmd)}", flush=True)
-    proc = subprocess.run(cmd, cwd=REPO_ROOT)
+    proc = subprocess.run(cmd, env=rank_env())
     if proc.returncode:
-        raise DaptError(f"{script} failed with exit code {proc.returncode}")
+        raise DaptError(f"dapt {stage} failed with exit code {proc.returncode}")
 
 
 def predict_examples(model_dir: Path, texts: Sequence[str]) -> list[dict]:
@@ -88,10 +110,10 @@ def run_pipeline(root: Path, config: str | None, demo: bool, ranks: int, overwri
     common = ["--config", config] if config else []
     again = ["--overwrite_output_dir"] if overwrite else []
     start = time.perf_counter()
-    run_job("mlm.py", ranks, [*common, *data["mlm"], "--output_dir", str(run.mlm.root), *again])
-    run_job("finetune.py", ranks, [*common, *data["finetune"], "--model_name_or_path", str(run.mlm.root),
+    run_job("mlm", ranks, [*common, *data["mlm"], "--output_dir", str(run.mlm.root), *again])
+    run_job("finetune", ranks, [*common, *data["finetune"], "--model_name_or_path", str(run.mlm.root),
                                    "--output_dir", str(run.finetune.root), *again])
-    run_job("evaluate.py", ranks, [*common, *data["evaluate"], "--model_name_or_path", str(run.finetune.root),
+    run_job("evaluate", ranks, [*common, *data["evaluate"], "--model_name_or_path", str(run.finetune.root),
                                    "--output_dir", str(run.eval.root), *again])
     results = read_json(run.eval.results)
     examples = predict_examples(run.finetune.model, EXAMPLES)
@@ -140,16 +162,16 @@ def run_sweep(root: Path, config: str | None, demo: bool, ranks: int, overwrite:
     mlm_seeds: list[int | None] = list(seeds) if mlm_per_seed else [None]
     for seed in mlm_seeds:
         seeded = ["--seed", str(seed)] if seed is not None else []
-        run_job("mlm.py", ranks, [*common, *data["mlm"], *seeded, "--output_dir", str(sweep.mlm(seed).root), *again])
+        run_job("mlm", ranks, [*common, *data["mlm"], *seeded, "--output_dir", str(sweep.mlm(seed).root), *again])
     for lr in learning_rates:
         for seed in seeds:
             run = sweep.run(lr, seed)
             name = run.root.name  # W&B run names: the stage directories are called the same in every run
-            run_job("finetune.py", ranks, [*common, *data["finetune"], "--seed", str(seed), "--learning_rate", repr(lr),
+            run_job("finetune", ranks, [*common, *data["finetune"], "--seed", str(seed), "--learning_rate", repr(lr),
                                            "--model_name_or_path", str(sweep.mlm(seed if mlm_per_seed else None).root),
                                            "--output_dir", str(run.finetune.root), "--wandb_name", f"finetune-{name}",
                                            *again])
-            run_job("evaluate.py", ranks, [*common, *data["evaluate"], "--model_name_or_path", str(run.finetune.root),
+            run_job("evaluate", ranks, [*common, *data["evaluate"], "--model_name_or_path", str(run.finetune.root),
                                            "--output_dir", str(run.eval.root), "--wandb_name", f"evaluate-{name}",
                                            *again])
     # this sweep's runs only: an overwritten directory may still hold runs of an earlier grid

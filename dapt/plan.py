@@ -357,15 +357,15 @@ def plan_precision(ds: dict[str, Any], path: str, cluster: Cluster) -> tuple[str
     if gpu is None:  # DeepSpeed's CPU accelerator: bf16 yes, fp16 only with oneDNN fp16; auto -> fp32
         if fp16 is True:
             hints.append("warning: DeepSpeed's CPU accelerator refuses FP16 on most CPUs (no oneDNN fp16): "
-                         "use ds_configs/zero2_auto.json (FP32) or zero2_bf16.json")
+                         "use --ds_config zero2_auto (FP32) or zero2_bf16")
         return ("fp16" if fp16 is True else "bf16" if bf16 is True else "fp32"), hints
     if bf16 is True and not gpu.bf16:
         raise DaptError(f"DeepSpeed config {path} enables bf16, which {gpu.name} does not support (BF16 needs "
-                        f"Ampere or newer); use ds_configs/zero2_fp16.json or enabled: \"auto\"")
+                        f"Ampere or newer); use --ds_config zero2_fp16 or enabled: \"auto\"")
     precision = "bf16" if bf16 is True or (bf16 == "auto" and gpu.bf16) else "fp16" if fp16 else "fp32"
     if precision == "fp16" and gpu.bf16:
         hints.append(f"hint: {gpu.name} supports BF16 (no loss scaling, no overflow-skipped steps); FP16 is the "
-                     f"seed's choice for an older GPU: --ds_config ds_configs/zero2_bf16.json")
+                     f"seed's choice for an older GPU: --ds_config zero2_bf16")
     return precision, hints
 
 

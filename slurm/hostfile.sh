@@ -9,7 +9,7 @@
 #   hostfile=$(slurm/hostfile.sh)                 # or: slurm/hostfile.sh path/to/hostfile
 #   DS_ENV_FILE=$hostfile.env deepspeed --hostfile "$hostfile" \
 #             --master_addr "$(head -n1 "$hostfile" | cut -d' ' -f1)" --master_port 29500 \
-#             launch/mlm.py --config ... --output_dir ...
+#             --module dapt mlm --config ... --output_dir ...
 #
 # Slots per node: DAPT_GPUS_PER_NODE, else the GPUs Slurm allocated per node, else the tasks per node.
 # Prints the hostfile's path on stdout; what it wrote and how to use it go to stderr.

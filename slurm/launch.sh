@@ -8,12 +8,18 @@
 #                requeue when training exits 75 ("checkpoint saved, requeue me"); dapt_run + dapt_finish
 #                are its two halves, for a job that runs several stages in a row (slurm/sweep.sh)
 # Ranks, MASTER_ADDR and MASTER_PORT are NOT computed here: every task derives them from its SLURM_*
-# variables in dapt/distributed.py (the same code serves a bare `srun python launch/...`), and rank 0
+# variables in dapt/distributed.py (the same code serves a bare `srun python -m dapt ...`), and rank 0
 # logs them ("dapt: launcher srun: N ranks ..., master ADDR:PORT").
+#
+# Which dapt: the tasks run `"$DAPT_PYTHON" -m dapt <stage>`. In a checkout (DAPT_ROOT holds dapt/), its
+# dapt goes first on PYTHONPATH; otherwise the one installed for DAPT_PYTHON (pip install dapt-*.whl):
+# then slurm/ is all you need of the checkout (copy it anywhere). Recipes and DeepSpeed configs are files
+# or the names of the configs packaged with dapt (DAPT_CONFIG=imdb-bert-base, DAPT_DS_CONFIG=zero2_bf16).
 #
 # Environment variables (all optional; the stage scripts add DAPT_CONFIG, DAPT_DS_CONFIG, DAPT_OUTPUT_DIR,
 # DAPT_MODEL, see README "Running on Slurm"):
-#   DAPT_ROOT        the dapt checkout, when the scripts are submitted from a copy outside it
+#   DAPT_ROOT        the folder holding slurm/ (a dapt checkout, or a copy of slurm/ beside an installed dapt),
+#                    when the scripts are submitted from a copy outside it
 #   DAPT_ENV_SETUP   shell code run first, e.g. "module load cuda/12.4; source ~/envs/dapt/bin/activate"
 #   DAPT_VENV        virtualenv to activate (default: $DAPT_ROOT/.venv when it exists; "none" to skip)
 #   DAPT_PYTHON      interpreter (default: python3 after the two steps above)
@@ -81,21 +87,34 @@ dapt_sbatch_opts() {
     esac
 }
 
-_dapt_file() {  # NAME: a set variable must name a file, here or in the checkout (recipes/..., ds_configs/...)
-    local value=${!1:-}
+# _dapt_file NAME KIND: a set variable must name a file, here or in the checkout (then made absolute), or a
+# config packaged with dapt (KIND ds or recipe: DAPT_DS_CONFIG=zero2_bf16, DAPT_CONFIG=imdb-bert-base), then
+# made the absolute path of that file. Names are resolved by DAPT_PYTHON's dapt; where it has none (a login
+# node before the environment set-up) they are left for the job, whose dapt_env checks them.
+_dapt_file() {
+    local value=${!1:-} py=${DAPT_PYTHON:-python3} path
     [[ -z $value || -f $value ]] && return
-    [[ $value != /* && -f $DAPT_ROOT/$value ]] || dapt_die "$1=$value: no such file"
-    printf -v "$1" '%s' "$DAPT_ROOT/$value"
+    if [[ $value != /* && -f $DAPT_ROOT/$value ]]; then printf -v "$1" '%s' "$DAPT_ROOT/$value"; return; fi
+    [[ $value != /* ]] || dapt_die "$1=$value: no such file"
+    _dapt_pythonpath
+    "$py" -c 'import dapt.configs' 2>/dev/null || return 0
+    path=$("$py" -m dapt.configs "$2" "$value" 2>&1) || dapt_die "$1=$value: ${path##*$'\n'}"
+    printf -v "$1" '%s' "$path"
+}
+
+# _dapt_pythonpath: a checkout's dapt first on PYTHONPATH (the jobs import the code of the scripts they run)
+_dapt_pythonpath() {
+    if [[ -f $DAPT_ROOT/dapt/__init__.py && :${PYTHONPATH:-}: != *:$DAPT_ROOT:* ]]; then
+        export PYTHONPATH=$DAPT_ROOT${PYTHONPATH:+:$PYTHONPATH}
+    fi
 }
 
 # --- the environment (inside a job or not) -----------------------------------------------------------
 
-# dapt_env: check the checkout and the config files, run DAPT_ENV_SETUP, activate the virtualenv, find
-# DAPT_PYTHON, and clear launcher variables inherited from the submitting shell
+# dapt_env: run DAPT_ENV_SETUP, activate the virtualenv, find DAPT_PYTHON and a dapt it imports (a
+# checkout's or an installed one), check the config files or names, and clear launcher variables inherited
+# from the submitting shell
 dapt_env() {
-    [[ -f $DAPT_ROOT/launch/mlm.py ]] || dapt_die "DAPT_ROOT=$DAPT_ROOT is not a dapt checkout"
-    _dapt_file DAPT_CONFIG
-    _dapt_file DAPT_DS_CONFIG
     if [[ -n ${DAPT_ENV_SETUP:-} ]]; then
         eval "$DAPT_ENV_SETUP" || dapt_die "DAPT_ENV_SETUP failed: $DAPT_ENV_SETUP"
     fi
@@ -106,6 +125,11 @@ dapt_env() {
     fi
     DAPT_PYTHON=${DAPT_PYTHON:-python3}
     command -v "$DAPT_PYTHON" >/dev/null || dapt_die "DAPT_PYTHON=$DAPT_PYTHON: not found"
+    _dapt_pythonpath
+    "$DAPT_PYTHON" -c 'import dapt' 2>/dev/null || dapt_die "DAPT_PYTHON=$DAPT_PYTHON cannot import dapt: install" \
+        "it there (pip install dapt-*.whl, or pip install -e <checkout>), or set DAPT_VENV, DAPT_ENV_SETUP or DAPT_ROOT"
+    _dapt_file DAPT_CONFIG recipe
+    _dapt_file DAPT_DS_CONFIG ds
     # dapt/distributed.py takes RANK (and MASTER_*) as "a launcher set these": never from the login shell
     unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE LOCAL_SIZE MASTER_ADDR MASTER_PORT \
           OMPI_COMM_WORLD_RANK OMPI_COMM_WORLD_SIZE OMPI_COMM_WORLD_LOCAL_RANK OMPI_COMM_WORLD_LOCAL_SIZE \
@@ -169,14 +193,14 @@ _dapt_forward() {  # a stop signal reached the batch shell: the tasks checkpoint
     fi
 }
 
-# dapt_launch SCRIPT [ARGS...]: run `python SCRIPT ARGS` as one srun task per GPU/slot and handle preemption
-# (requeue on exit 75); ends the job with the tasks' exit code
+# dapt_launch ARGS...: run `python ARGS` (`-m dapt mlm ...`) as one srun task per GPU/slot and handle
+# preemption (requeue on exit 75); ends the job with the tasks' exit code
 dapt_launch() {
     dapt_run "$@"
     dapt_finish "$DAPT_RC"
 }
 
-# dapt_run SCRIPT [ARGS...]: the same srun, stop signals forwarded, but it returns, with the tasks' exit
+# dapt_run ARGS...: the same srun, stop signals forwarded, but it returns, with the tasks' exit
 # code in DAPT_RC (not as its status: under `set -e` a failed stage must not end the script unseen)
 dapt_run() {
     local cmd

@@ -14,18 +14,18 @@
 # DAPT_CONFIG, DAPT_DS_CONFIG and the helper's (slurm/launch.sh); the jobs inherit this environment.
 # Logs go to logs/ under the current directory (created here; Slurm does not create it).
 set -euo pipefail
-# The helpers of slurm/launch.sh (dapt_die, _dapt_file); sourcing it needs no job. DAPT_ROOT: a checkout,
-# when this script is a copy outside one; the jobs run that checkout's stage scripts.
+# The helpers of slurm/launch.sh (dapt_die, _dapt_file); sourcing it needs no job. DAPT_ROOT: the folder
+# holding slurm/ (a checkout), when this script is a copy outside it; the jobs run its stage scripts.
 _here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 source "${DAPT_ROOT:-$_here/..}/slurm/launch.sh" 2>/dev/null \
-    || { echo "dapt-slurm: error: slurm/launch.sh not found; set DAPT_ROOT to the dapt checkout" >&2; exit 2; }
+    || { echo "dapt-slurm: error: slurm/launch.sh not found; set DAPT_ROOT to the folder holding slurm/" >&2; exit 2; }
 export DAPT_ROOT  # launch.sh set it to its checkout; the jobs load the same one
 
 command -v sbatch >/dev/null || dapt_die "sbatch not found: run this on a Slurm login node"
 out=${DAPT_OUTPUT_DIR:-runs/pipeline}
 [[ $out == /* ]] || out=$PWD/$out  # the jobs run in this directory too; absolute for clarity in the logs
-_dapt_file DAPT_CONFIG     # here, or relative to the checkout (then made absolute for the jobs)
-_dapt_file DAPT_DS_CONFIG
+_dapt_file DAPT_CONFIG recipe  # a file here or in the checkout, or a packaged name (absolute for the jobs)
+_dapt_file DAPT_DS_CONFIG ds
 
 dapt_sbatch_opts "$@"
 opts=("${DAPT_OPTS[@]}")

@@ -9,10 +9,10 @@
 #
 # Hub data needs a node with internet (or run this script directly on a login node); local data
 # (--data_files: parquet, CSV, TSV, JSONL, an aclImdb tree or its .tar.gz) works anywhere.
-# Variables: DAPT_CONFIG (recipe, default recipes/imdb-bert-base.yaml as for the stage scripts, so the
-# prepared data matches their settings; empty: none) and the helper's environment set-up (slurm/launch.sh:
-# DAPT_ROOT, DAPT_ENV_SETUP, DAPT_VENV, DAPT_PYTHON). One process with one tokenising worker per allocated
-# CPU (a later --num_proc wins); no srun. Relative paths are relative to the directory sbatch was called
+# Variables: DAPT_CONFIG (recipe: a file or a packaged name, default imdb-bert-base as for the stage
+# scripts, so the prepared data matches their settings; empty: none) and the helper's environment set-up
+# (slurm/launch.sh: DAPT_ROOT, DAPT_ENV_SETUP, DAPT_VENV, DAPT_PYTHON). One process (`python -m dapt
+# prepare`) with one tokenising worker per allocated CPU (a later --num_proc wins); no srun. Relative paths are relative to the directory sbatch was called
 # from (or the current one). Output: logs/%x-%j.out (create logs/ first: Slurm does not).
 #SBATCH --job-name=dapt-prepare
 #SBATCH --nodes=1
@@ -24,22 +24,22 @@
 #SBATCH --open-mode=append
 set -euo pipefail
 # Run directly: the helper beside this file. Under sbatch, Slurm runs a copy of this file: load the helper
-# from the checkout the job was submitted from.
+# from the slurm/ folder the job was submitted from.
 _dir=$(dirname "${BASH_SOURCE[0]}")
 if [[ -z ${DAPT_ROOT:-} && ! -f $_dir/launch.sh && -n ${SLURM_JOB_ID:-} ]]; then
     _self=$(scontrol show job "$SLURM_JOB_ID" | sed -n 's/^ *Command=\([^ ]*\).*/\1/p')
     _dir=$(dirname "${_self:-$PWD/slurm/-}")
 fi
 source "${DAPT_ROOT:-$_dir/..}/slurm/launch.sh" \
-    || { echo "dapt-slurm: error: slurm/launch.sh not found; set DAPT_ROOT to the dapt checkout" >&2; exit 2; }
+    || { echo "dapt-slurm: error: slurm/launch.sh not found; set DAPT_ROOT to the folder holding slurm/" >&2; exit 2; }
 
-DAPT_CONFIG=${DAPT_CONFIG-$DAPT_ROOT/recipes/imdb-bert-base.yaml}
+DAPT_CONFIG=${DAPT_CONFIG-imdb-bert-base}
 dapt_env
 # One tokenising process per allocated core; a later --num_proc on the command line wins.
 num_proc=${SLURM_CPUS_PER_TASK:-$(nproc)}
 # Keep the datasets cache off a small home quota when the cluster has a scratch filesystem.
 export HF_DATASETS_CACHE=${HF_DATASETS_CACHE:-${SCRATCH:-$HOME/.cache}/huggingface/datasets}
-cmd=("$DAPT_PYTHON" "$DAPT_ROOT/launch/prepare.py" --num_proc "$num_proc" ${DAPT_CONFIG:+--config "$DAPT_CONFIG"} "$@")
+cmd=("$DAPT_PYTHON" -m dapt prepare --num_proc "$num_proc" ${DAPT_CONFIG:+--config "$DAPT_CONFIG"} "$@")
 [[ -z ${SLURM_JOB_ID:-} ]] || dapt_log "job $SLURM_JOB_ID (${SLURM_JOB_NAME:-}) on ${SLURM_JOB_NODELIST:-?}:" \
                                        "${num_proc} CPUs, python $(command -v "$DAPT_PYTHON")"
 dapt_log "running: $(printf '%q ' "${cmd[@]}")"

@@ -7,7 +7,7 @@
 # Run it on a login node (not with sbatch): it submits itself as the array (--array=0-(N-1)%K, N = seeds x
 # learning rates, K = DAPT_SWEEP_CONCURRENCY) and a summary job (--dependency=afterok:<array>), and prints
 # `array=ID summarize=ID`. Task i takes learning rate i / n_seeds and seed i % n_seeds (learning rates outer,
-# as launch/pipeline.py --seeds --learning_rates), fine-tunes DAPT_MODEL with --seed S --learning_rate LR into
+# as dapt pipeline --seeds --learning_rates), fine-tunes DAPT_MODEL with --seed S --learning_rate LR into
 # $DAPT_OUTPUT_DIR/runs/lr<LR>-seed<S>/finetune (dapt/layout.py SweepLayout: the local sweep's names) and
 # evaluates it into .../eval. A stop signal (USR1 300 s before the time limit, a preemption) makes the
 # fine-tune save a checkpoint and exit 75, and the task requeues itself; its next run resumes there (a finished
@@ -19,7 +19,7 @@
 # runs/sweep), DAPT_MODEL (the MLM run or model to fine-tune, default runs/mlm), DAPT_GPUS_PER_NODE (as
 # slurm/pipeline.sh), DAPT_FINETUNE_ARGS, DAPT_EVAL_ARGS (extra flags, split on spaces; the sweep sets
 # --seed, --learning_rate, --output_dir and --model_name_or_path itself), DAPT_WANDB_GROUP (default: one
-# group per sweep), DAPT_CONFIG (default recipes/imdb-bert-base.yaml), DAPT_DS_CONFIG and the helper's
+# group per sweep), DAPT_CONFIG (default imdb-bert-base), DAPT_DS_CONFIG and the helper's
 # (slurm/launch.sh). Logs: logs/dapt-sweep-<array id>_<task>.out and logs/dapt-sweep-summary-<id>.out.
 #SBATCH --job-name=dapt-sweep
 #SBATCH --nodes=1
@@ -38,24 +38,24 @@ if [[ -z ${DAPT_SWEEP_ROLE:-} ]]; then
     DAPT_ROOT=${DAPT_ROOT:-$_here/..}
 fi
 source "${DAPT_ROOT:?}/slurm/launch.sh" 2>/dev/null \
-    || { echo "dapt-slurm: error: slurm/launch.sh not found; set DAPT_ROOT to the dapt checkout" >&2; exit 2; }
+    || { echo "dapt-slurm: error: slurm/launch.sh not found; set DAPT_ROOT to the folder holding slurm/" >&2; exit 2; }
 export DAPT_ROOT
 
-DAPT_CONFIG=${DAPT_CONFIG-$DAPT_ROOT/recipes/imdb-bert-base.yaml}
+DAPT_CONFIG=${DAPT_CONFIG-imdb-bert-base}
 read -r -a ft_args <<<"${DAPT_FINETUNE_ARGS:-}"
 read -r -a eval_args <<<"${DAPT_EVAL_ARGS:-}"
 read -r -a seeds <<<"${DAPT_SEEDS:-}"
 read -r -a rates <<<"${DAPT_LEARNING_RATES:-}"
 
-dapt_py() {  # python with this checkout's dapt importable (the jobs run in the submit directory)
-    PYTHONPATH="$DAPT_ROOT${PYTHONPATH:+:$PYTHONPATH}" "$DAPT_PYTHON" "$@"
+dapt_py() {  # the jobs' python and dapt (dapt_env: a checkout's dapt first on PYTHONPATH)
+    "$DAPT_PYTHON" "$@"
 }
 
 # --- the summary job -----------------------------------------------------------------------------------
 if [[ ${DAPT_SWEEP_ROLE:-} == summarize ]]; then
     dapt_init
     dapt_log "summarizing the sweep in $DAPT_OUTPUT_DIR"
-    exec env PYTHONPATH="$DAPT_ROOT${PYTHONPATH:+:$PYTHONPATH}" "$DAPT_PYTHON" -m dapt summarize "$DAPT_OUTPUT_DIR"
+    exec "$DAPT_PYTHON" -m dapt summarize "$DAPT_OUTPUT_DIR"
 fi
 
 # --- one array task: fine-tune then evaluate combination SLURM_ARRAY_TASK_ID --------------------------
@@ -78,7 +78,7 @@ print(repr(parse_config(FinetuneConfig, "finetune", sys.argv[1:]).learning_rate)
     eval_dir=$(sed -n 's/^eval=//p' <<<"$paths")
     name=${run##*/}
     dapt_log "sweep task $i of array ${SLURM_ARRAY_JOB_ID:-?}: learning rate $lr, seed $seed -> $run"
-    dapt_run "$DAPT_ROOT/launch/finetune.py" \
+    dapt_run -m dapt finetune \
         ${DAPT_CONFIG:+--config "$DAPT_CONFIG"} ${DAPT_DS_CONFIG:+--ds_config "$DAPT_DS_CONFIG"} \
         --model_name_or_path "$DAPT_MODEL" --output_dir "$finetune" --seed "$seed" --learning_rate "$lr" \
         --wandb_name "finetune-$name" "${ft_args[@]}"
@@ -90,7 +90,7 @@ print(repr(parse_config(FinetuneConfig, "finetune", sys.argv[1:]).learning_rate)
         dapt_log "got $_DAPT_STOPPED after the fine-tune: requeueing before the evaluation"
         dapt_finish "$EXIT_REQUEUE"
     fi
-    dapt_run "$DAPT_ROOT/launch/evaluate.py" ${DAPT_CONFIG:+--config "$DAPT_CONFIG"} \
+    dapt_run -m dapt evaluate ${DAPT_CONFIG:+--config "$DAPT_CONFIG"} \
         --model_name_or_path "$finetune" --output_dir "$eval_dir" --wandb_name "evaluate-$name" "${eval_args[@]}"
     if [[ $DAPT_RC != 0 && -n $_DAPT_STOPPED ]]; then
         # evaluation keeps no checkpoint: it was cut short by the stop signal, so the requeued task runs it again
@@ -134,8 +134,8 @@ out=${DAPT_OUTPUT_DIR:-runs/sweep}
 [[ $out == /* ]] || out=$PWD/$out  # the jobs run in this directory too; absolute for clarity in the logs
 model=${DAPT_MODEL:-runs/mlm}
 [[ $model == /* || ! -e $model ]] || model=$PWD/$model
-_dapt_file DAPT_CONFIG     # here, or relative to the checkout (then made absolute for the jobs)
-_dapt_file DAPT_DS_CONFIG
+_dapt_file DAPT_CONFIG recipe  # a file here or in the checkout, or a packaged name (absolute for the jobs)
+_dapt_file DAPT_DS_CONFIG ds
 
 dapt_sbatch_opts "$@"
 opts=("${DAPT_OPTS[@]}")

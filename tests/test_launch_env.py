@@ -236,7 +236,8 @@ def test_pipeline_bad_config_is_one_line(tmp_path):
     proc = subprocess.run([str(ROOT / "slurm" / "pipeline.sh")], cwd=tmp_path, capture_output=True, text=True,
                           env=_script_env(tmp_path, DAPT_CONFIG="recipes/nope.yaml"), timeout=60)
     assert (proc.returncode, proc.stdout) == (2, "")
-    assert proc.stderr == "dapt-slurm: error: DAPT_CONFIG=recipes/nope.yaml: no such file\n"
+    assert proc.stderr == ("dapt-slurm: error: DAPT_CONFIG=recipes/nope.yaml: recipe not found: recipes/nope.yaml "
+                           "(give a file, or one of the names: demo, imdb-bert-base)\n")
 
 
 def _task_env(tmp_path: Path) -> dict[str, str]:

@@ -225,7 +225,7 @@ def test_sbatch_mlm_two_tasks(reference_mlm):
     assert (reference_mlm["work"] / "logs" / f"dapt-mlm-{job}.out").is_file()  # #SBATCH --output=logs/%x-%j.out
     assert f"dapt-slurm: job {job} (dapt-mlm) run 1 on " in log and "2 tasks" in log
     # python is the srun task itself (no shell around it); ranks and rendezvous come from dapt/distributed.py
-    assert re.search(r"dapt-slurm: running: srun --kill-on-bad-exit=0 --wait=60 --cpus-per-task=1 \S+ \S*launch/mlm\.py", log)
+    assert re.search(r"dapt-slurm: running: srun --kill-on-bad-exit=0 --wait=60 --cpus-per-task=1 \S+ -m dapt mlm ", log)
     lines = rendezvous_lines(log)
     assert len(lines) == 1 and re.fullmatch(r"dapt: launcher srun: 2 ranks \(gloo\), master \S+:\d+", lines[0]), lines
     assert "stale.invalid" not in log
@@ -341,7 +341,7 @@ def test_bad_input_is_one_line_and_nonzero(cluster, tmp_path, tiny_model, base_e
 @pytest.mark.slurm
 def test_prepare_job_writes_a_manifest(cluster, tmp_path, tiny_model, demo_files, base_env):
     """`sbatch slurm/prepare.sh --stage finetune ...`: the launch.sh environment set-up (DAPT_PYTHON), the
-    checkout's launch/prepare.py by absolute path, one CPU = one tokenising worker, output in logs/."""
+    `python -m dapt prepare` (the checkout's dapt), one CPU = one tokenising worker, output in logs/."""
     cluster.ensure(1)
     start = time.time()
     out = tmp_path / "prep"
@@ -350,7 +350,7 @@ def test_prepare_job_writes_a_manifest(cluster, tmp_path, tiny_model, demo_files
                   "--max_seq_length", 64, "--head_tokens", 16], tmp_path, tiny_env(base_env, tiny_model))
     log = assert_completed(job, timeout=180)
     assert (tmp_path / "logs" / f"dapt-prepare-{job}.out").is_file()  # #SBATCH --output=logs/%x-%j.out
-    assert f"dapt-slurm: running: {sys.executable} {ROOT / 'launch' / 'prepare.py'} --num_proc 1 --stage finetune" in log
+    assert f"dapt-slurm: running: {sys.executable} -m dapt prepare --num_proc 1 --stage finetune" in log
     assert "prepared finetune data in" in log
     manifest = json.loads((out / "manifest.json").read_text())  # relative --output_dir: the submit directory
     assert manifest["settings"]["stage"] == "finetune" and manifest["settings"]["max_seq_length"] == 64

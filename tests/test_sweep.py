@@ -207,13 +207,13 @@ def test_sweep_task_runs_its_combination_and_requeues_on_75(tmp_path, srun_rc):
     run = SweepLayout(tmp_path / "s").run(3e-5, 2)
     sruns = (tmp_path / "sruns").read_text().splitlines()
     assert f"sweep task 3 of array 40: learning rate 3e-5, seed 2 -> {run.root}" in proc.stdout
-    assert f"launch/finetune.py --model_name_or_path /m --output_dir {run.finetune.root} --seed 2 --learning_rate 3e-5 " \
+    assert f"-m dapt finetune --model_name_or_path /m --output_dir {run.finetune.root} --seed 2 --learning_rate 3e-5 " \
            f"--wandb_name finetune-lr3e-05-seed2" in sruns[0]
     if srun_rc == 75:
         assert len(sruns) == 1 and (tmp_path / "scontrol").read_text() == "requeue 42\n"
     else:
         assert len(sruns) == 2 and not (tmp_path / "scontrol").exists()
-        assert sruns[1].endswith(f"launch/evaluate.py --model_name_or_path {run.finetune.root} --output_dir "
+        assert sruns[1].endswith(f"-m dapt evaluate --model_name_or_path {run.finetune.root} --output_dir "
                                  f"{run.eval.root} --wandb_name evaluate-lr3e-05-seed2 --eval_batch_size 8 ")
 
 

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Sequence
 
 from dapt.commands import command
-from dapt.config import REPO_ROOT, OneLineParser
+from dapt.config import OneLineParser
+from dapt.configs import find_recipe
 from dapt.errors import DaptError
 from dapt.pipeline import default_ranks, run_pipeline, run_sweep, sweep_grid
 
@@ -39,7 +40,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         raise DaptError(f"num_gpus must be >= 0 (0 = all local accelerators), got {args.num_gpus}")
     if args.mlm_per_seed and not args.seeds:
         raise DaptError("--mlm_per_seed needs --seeds (one MLM stage per seed)")
-    config = args.config or (str(REPO_ROOT / "recipes" / "demo.yaml") if args.demo else None)
+    # one file for every job (a packaged recipe by name, or a path): checked here, before any job starts
+    config = str(find_recipe(args.config or "demo").resolve()) if args.config or args.demo else None
     root = Path(args.output_dir).resolve()
     if args.seeds is None and args.learning_rates is None:
         return run_pipeline(root, config, args.demo, args.num_gpus or default_ranks(), args.overwrite_output_dir)

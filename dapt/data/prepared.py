@@ -68,7 +68,7 @@ def read_manifest(path: str) -> dict[str, Any]:
         raise DaptError(f"prepared_dir not found: {path}")
     mpath = root / MANIFEST
     if not mpath.is_file():
-        raise DaptError(f"{path} is not a prepared data directory (no {MANIFEST}; write one with launch/prepare.py)")
+        raise DaptError(f"{path} is not a prepared data directory (no {MANIFEST}; write one with dapt prepare)")
     try:
         manifest = json.loads(mpath.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -203,7 +203,7 @@ def _data_line(d: Mapping[str, Any]) -> str:
         return f"Hugging Face dataset `{d.get('name')}`, split `{d.get('split')}`"
     if d.get("kind") == "prepared":
         ins = f" (from {_fmt(d.get('inputs'))})" if d.get("inputs") else ""
-        return f"a directory prepared by `launch/prepare.py` (`{d.get('name')}`){ins}"
+        return f"a directory prepared by `dapt prepare` (`{d.get('name')}`){ins}"
     return "local files: " + ", ".join(f"`{x}`" for x in d.get("inputs", []))
 
 
@@ -309,7 +309,7 @@ def render(data: Mapping[str, Any], results: list[dict[str, Any]], name: str) ->
     if classifier and results:
         out += _results_section(results)
     elif classifier:
-        out.append("Not evaluated on a test set yet: `launch/evaluate.py --model_name_or_path <this folder>` measures "
+        out.append("Not evaluated on a test set yet: `dapt evaluate --model_name_or_path <this folder>` measures "
                    "it and fills in this section.")
     out += ["", "## How to use", "", "```python", "from transformers import pipeline", ""]
     if classifier:
@@ -320,7 +320,7 @@ def render(data: Mapping[str, Any], results: list[dict[str, Any]], name: str) ->
                 f"{max_len} tokens."]
     else:
         out += ['fill = pipeline("fill-mask", model="path/to/this/folder")', 'fill("This movie was [MASK].")', "```", "",
-                "or fine-tune it: `launch/finetune.py --model_name_or_path <this folder>`."]
+                "or fine-tune it: `dapt finetune --model_name_or_path <this folder>`."]
     out += ["", "## Intended use", ""]
     if classifier:
         out += ["* Binary sentiment (negative / positive) of English movie and TV reviews, like those it was "

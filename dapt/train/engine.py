@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from deepspeed.accelerator import get_accelerator
 
-from dapt.config import TrainConfig, resolve_path, warmup_steps
+from dapt.config import TrainConfig, warmup_steps
+from dapt.configs import find_ds_config
 from dapt.errors import DaptError
 from dapt.train.batch_plan import BatchPlan
 
@@ -58,9 +59,7 @@ FILLED_KEYS = {
 
 def load_ds_config(path: str) -> dict[str, Any]:
     """Read and check the engine JSON (before any process group exists)."""
-    p = resolve_path(path)
-    if not p.is_file():
-        raise DaptError(f"DeepSpeed config not found: {path}")
+    p = find_ds_config(path)  # a file, or a packaged config by name (dapt/configs/ds/)
     try:
         raw = json.loads(p.read_text())
     except json.JSONDecodeError as exc:

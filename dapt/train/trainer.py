@@ -388,7 +388,7 @@ class Trainer:
             last_good = latest.read_text().strip() if latest.is_file() else "none"
             raise TrainingFailed(
                 f"FP16 loss scale at its minimum ({float(self.engine.optimizer.cur_scale):g}) and the gradients still "
-                f"overflow, at optimizer step {self.position.step + 1}: train in BF16 (e.g. ds_configs/zero2_bf16.json) "
+                f"overflow, at optimizer step {self.position.step + 1}: train in BF16 (e.g. --ds_config zero2_bf16) "
                 f"or with a lower learning_rate (now {self.cfg.learning_rate:g}), or resume from an earlier "
                 f"checkpoint (--resume {self.layout.checkpoints}/<tag>); last good checkpoint: {last_good}, "
                 "nothing saved over it", on_every_rank=True) from None
