@@ -3,6 +3,9 @@
 Precedence: dataclass defaults (the reference recipe) < a recipe file (`--config FILE`, YAML or JSON)
 < command-line flags. A recipe file may hold one section per stage (`mlm:`, `finetune:`, `evaluate:`,
 `export:`); its top-level keys apply to every stage that has such a field.
+
+Each field is declared with `flag(default, help, choices)`: its meaning and allowed values sit there and
+nowhere else, and `--help` shows them with the default (as HfArgumentParser's `metadata={"help": ...}`).
 """
 from __future__ import annotations
 
@@ -16,175 +19,210 @@ from typing import Any, Sequence, TypeVar
 
 import yaml
 
-from dapt.configs import find_recipe
+from dapt.configs import DS, RECIPE, find_recipe, names
 from dapt.errors import DaptError, first_line
 
 STAGES = ("mlm", "finetune", "evaluate", "export")
 TRUNCATIONS = ("head", "head+tail")
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "chunked")  # see dapt/model/attention.py
 OPTIMIZERS = ("auto", "torch_adamw", "fused_adam", "cpu_adam")  # see dapt/train/optim.py
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+PROGRESS = ("auto", "bar", "lines")
 ID2LABEL = {0: "negative", 1: "positive"}
+
+
+def flag(default: Any, help: str, choices: Sequence[str] = ()) -> Any:
+    """A config field with its meaning and, for a closed set, its allowed values: what `--help` shows
+    (HfArgumentParser's `field(metadata={"help": ...})`), written once, where the field is declared."""
+    metadata = {"help": help, "choices": tuple(choices)}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def flag_like(cls: type, name: str, default: Any = dataclasses.MISSING, choices: Sequence[str] | None = None) -> Any:
+    """`cls`'s field `name` again, same meaning, for a stage that changes its default or allowed values."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    if default is dataclasses.MISSING:
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+    return flag(default, f.metadata["help"], f.metadata["choices"] if choices is None else choices)
 
 
 @dataclass
 class DataConfig:
     """Where the text comes from and how it is cut to length."""
 
-    # Local parquet/CSV/TSV/JSON(L) files (or folders of them), or an aclImdb folder tree or its .tar.gz
-    # (split = dataset_split); empty means the hub dataset below.
-    data_files: list[str] = field(default_factory=list)
-    dataset_name: str = "stanfordnlp/imdb"
-    dataset_split: str = "train"
-    text_column: str = "text"
-    # A column of example ids carried into per-example predictions when the input has it ("" = none).
-    id_column: str = "id"
-    max_seq_length: int = 512
-    max_samples: int = 0  # 0 = all; otherwise a seeded random subset (quick runs, benchmarks)
-    # A directory written by launch/prepare.py: the stage reads its tokenised splits (no loading, no
-    # tokenising, no network) once its manifest matches this config. Replaces data_files/dataset_name.
-    prepared_dir: str = ""
-    # Empty or whitespace-only texts: "error", or "drop" them (the count is reported).
-    empty_texts: str = "error"
-    # Bytes that are not UTF-8: "error", or "replace" them with U+FFFD (the count is reported).
-    encoding_errors: str = "error"
-    # Extra label names, "name=id" (e.g. good=1); neg/negative = 0 and pos/positive = 1 are built in.
-    label_map: list[str] = field(default_factory=list)
-    num_proc: int = 1  # processes that tokenise (datasets.map); 1 = in the stage's own process
+    data_files: list[str] = flag([], "local parquet/CSV/TSV/JSON(L) files (or folders of them), or an aclImdb "
+                                     "folder tree or its .tar.gz (split: --dataset_split); none: --dataset_name")
+    dataset_name: str = flag("stanfordnlp/imdb", "Hugging Face hub dataset, read when neither --data_files nor "
+                                                 "--prepared_dir is given")
+    dataset_split: str = flag("train", "the split to read (of the hub dataset or the aclImdb tree)")
+    text_column: str = flag("text", "the column holding the text")
+    id_column: str = flag("id", 'a column of example ids carried into per-example predictions when the input has '
+                                'it ("" = none)')
+    max_seq_length: int = flag(512, "tokens per sequence, [CLS] and [SEP] included")
+    max_samples: int = flag(0, "0 = all; otherwise a seeded random subset (quick runs, benchmarks)")
+    prepared_dir: str = flag("", "a directory written by `dapt prepare`: the stage reads its tokenised splits (no "
+                                 "loading, no tokenising, no network) once its manifest matches this config; "
+                                 "replaces --data_files/--dataset_name")
+    empty_texts: str = flag("error", "empty or whitespace-only texts: error, or drop them (the count is reported)",
+                            choices=("error", "drop"))
+    encoding_errors: str = flag("error", "bytes that are not UTF-8: error, or replace them with U+FFFD (the count "
+                                         "is reported)", choices=("error", "replace"))
+    label_map: list[str] = flag([], "extra label names, name=id (e.g. good=1); neg/negative = 0 and pos/positive "
+                                    "= 1 are built in")
+    num_proc: int = flag(1, "processes that tokenise (datasets.map); 1 = in the stage's own process")
 
 
 @dataclass
 class TrainConfig(DataConfig):
     """Everything one training stage needs; the defaults are the reference recipe."""
 
-    output_dir: str = ""
-    model_name_or_path: str = "bert-base-uncased"
-    # Engine settings (ZeRO stage, precision, loss scaling, offload); batch sizes, optimizer and
-    # schedule are filled in from the fields below and must not be set there.
-    ds_config: str = "zero2_fp16"
-    seed: int = 42
-    overwrite_output_dir: bool = False
-    # Batch: the effective batch is fixed by the recipe; accumulation = effective / (micro * world).
-    effective_batch_size: int = 64
-    micro_batch_size: int = 16
-    eval_batch_size: int = 64
-    # AdamW with linear warmup then linear decay to zero. optimizer: auto (torch's AdamW, fused on GPUs:
-    # nothing to compile; DeepSpeed's CPU Adam when ZeRO offloads the optimizer; DeepSpeed's FusedAdam only
-    # when it was pre-built into the install), torch_adamw, fused_adam (DeepSpeed's, JIT-built on first
-    # use) or cpu_adam (DeepSpeed's, for offload or CPU ranks). All are AdamW with the values below.
-    optimizer: str = "auto"
-    learning_rate: float = 2e-5
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    weight_decay: float = 0.01
-    max_grad_norm: float = 1.0  # 0 = no gradient clipping
-    num_epochs: int = 3
-    # >= 1: a number of optimizer steps; < 1: a fraction of all optimizer steps.
-    warmup: float = 0.0
-    # Held-out slice split off the training text for periodic evaluation (fraction of examples).
-    validation_split: float = 0.02
-    logging_steps: int = 50
-    eval_steps: int = 0  # 0 = evaluate at the end of each epoch only
-    # DataLoader workers per rank: -1 = auto (2 on accelerators, with pinned memory, so the next step's
-    # micro-batches are collated while this one runs; 0 on CPU, where workers would take the ranks' cores).
-    num_workers: int = -1
-    # Recompute each encoder layer's activations in backward instead of storing them (Hugging Face's
-    # gradient checkpointing): less memory for a longer step (~30% more compute).
-    gradient_checkpointing: bool = False
-    # Best-checkpoint selection on the held-out split (dapt/train/selection.py): none (export the last
-    # step; the default, as the reference recipe), fine-tune: accuracy or f1_macro, MLM: loss. The best
-    # checkpoint is pinned and exported. Early stopping after this many evaluations without improvement
-    # (0 = off; needs select_best).
-    select_best: str = "none"
-    early_stopping_patience: int = 0
-    # Checkpoints: every save_steps optimizer steps (0 = only at epoch ends and on a stop signal),
-    # the newest keep_last kept plus pinned tags. resume: auto (latest complete checkpoint in
-    # output_dir, if any), never (fresh start; an existing run needs --overwrite_output_dir), or a path.
-    save_steps: int = 500
-    keep_last: int = 2
-    pin_checkpoints: list[str] = field(default_factory=list)
-    resume: str = "auto"
-    # Speed switches (each on by default; the benchmarks turn them off one at a time).
-    # auto: SDPA (FlashAttention kernels on GPU), except float32 training with attention dropout on CPU,
-    # which runs dapt's chunked kernel (dapt/model/attention.py); or sdpa, eager, chunked everywhere.
-    attn_implementation: str = "auto"
-    # Peak accelerator TFLOP/s for the logged MFU; 0 = from the table of known GPUs (none on CPU).
-    peak_tflops: float = 0.0
-    # Weights & Biases (rank 0 only; see dapt/tracking.py): auto (WANDB_MODE if set, else online when an
-    # API key is configured, else disabled), online, offline (`wandb sync` later) or disabled. One
-    # pipeline's jobs share a group: wandb_group, else $DAPT_WANDB_GROUP. Empty project: $WANDB_PROJECT or "dapt".
-    wandb_mode: str = "auto"
-    wandb_project: str = ""
-    wandb_group: str = ""
-    wandb_name: str = ""  # "" = <stage>-<output dir name>
-    # Console progress on rank 0: auto (a tqdm bar in a terminal, plain lines with ETA otherwise, e.g.
-    # Slurm logs), bar, or lines.
-    progress: str = "auto"
+    output_dir: str = flag("", "the run's directory: checkpoints, metrics.jsonl, run_config.json and the exported "
+                               "model/ (required)")
+    model_name_or_path: str = flag("bert-base-uncased", "the model to start from: a hub name or a local folder")
+    ds_config: str = flag("zero2_fp16",
+                          f"DeepSpeed JSON, a path or a packaged name ({', '.join(names(DS))}), with "
+                          "the engine settings (ZeRO stage, precision, loss scaling, offload); batch sizes, optimizer "
+                          "and schedule are filled in from the flags here and must not be set there")
+    seed: int = flag(42, "seed of every random choice: model head, held-out split, data order, masking, dropout")
+    overwrite_output_dir: bool = flag(False, "write into an output dir that holds something else (with --resume "
+                                             "auto: start afresh even if it holds a run's checkpoints)")
+    effective_batch_size: int = flag(64, "examples per optimizer step over all ranks, fixed by the recipe; "
+                                         "accumulation = effective / (micro x world size)")
+    micro_batch_size: int = flag(16, "examples per rank per forward pass: a memory budget (shrunk where micro x "
+                                     "world size exceeds the effective batch)")
+    eval_batch_size: int = flag(64, "examples per rank per evaluation batch")
+    optimizer: str = flag("auto", "AdamW, all with the --adam_* values: auto (torch's AdamW, fused on GPUs: nothing "
+                                  "to compile; DeepSpeed's CPU Adam when ZeRO offloads the optimizer; DeepSpeed's "
+                                  "FusedAdam only when it was pre-built into the install), torch_adamw, fused_adam "
+                                  "(DeepSpeed's, JIT-built on first use) or cpu_adam (DeepSpeed's, for offload or "
+                                  "CPU ranks)", choices=OPTIMIZERS)
+    learning_rate: float = flag(2e-5, "peak learning rate: linear warmup to it, then linear decay to zero")
+    adam_beta1: float = flag(0.9, "AdamW beta1")
+    adam_beta2: float = flag(0.999, "AdamW beta2")
+    adam_epsilon: float = flag(1e-8, "AdamW epsilon")
+    weight_decay: float = flag(0.01, "AdamW (decoupled) weight decay")
+    max_grad_norm: float = flag(1.0, "clip gradients to this global norm; 0 = no gradient clipping")
+    num_epochs: int = flag(3, "passes over the training data")
+    warmup: float = flag(0.0, "linear warmup: >= 1 a number of optimizer steps; < 1 a fraction of all optimizer "
+                              "steps")
+    validation_split: float = flag(0.02, "held-out slice split off the training text for periodic evaluation "
+                                         "(fraction of examples)")
+    logging_steps: int = flag(50, "log loss, learning rate and throughput every this many optimizer steps")
+    eval_steps: int = flag(0, "evaluate on the held-out slice every this many optimizer steps; 0 = at the end of "
+                              "each epoch only")
+    num_workers: int = flag(-1, "DataLoader workers per rank: -1 = auto (2 on accelerators, with pinned memory, so "
+                                "the next step's micro-batches are collated while this one runs; 0 on CPU, where "
+                                "workers would take the ranks' cores)")
+    gradient_checkpointing: bool = flag(False, "recompute each encoder layer's activations in backward instead of "
+                                               "storing them (Hugging Face's gradient checkpointing): less memory "
+                                               "for a longer step (~30% more compute)")
+    select_best: str = flag("none", "best-checkpoint selection on the held-out split (dapt/train/selection.py): "
+                                    "none exports the last step (as the reference recipe); a metric (fine-tune: "
+                                    "accuracy or f1_macro, MLM: loss) pins and exports the best checkpoint",
+                            choices=("none", "loss", "accuracy", "f1_macro"))
+    early_stopping_patience: int = flag(0, "stop after this many evaluations without improvement (0 = off; needs "
+                                           "--select_best)")
+    save_steps: int = flag(500, "checkpoint every this many optimizer steps (0 = only at epoch ends and on a stop "
+                                "signal)")
+    keep_last: int = flag(2, "checkpoints kept: the newest keep_last, plus pinned tags")
+    pin_checkpoints: list[str] = flag([], "checkpoint tags (e.g. step0000500) kept whatever --keep_last says")
+    resume: str = flag("auto", "auto (the latest complete checkpoint in output_dir, if any), never (fresh start; "
+                               "an existing run needs --overwrite_output_dir), or a checkpoint path")
+    attn_implementation: str = flag("auto", "speed switch: auto (SDPA, FlashAttention kernels on GPU, except float32 "
+                                            "training with attention dropout on CPU, which runs dapt's chunked "
+                                            "kernel, dapt/model/attention.py), or sdpa, eager, chunked everywhere",
+                                    choices=ATTN_IMPLEMENTATIONS)
+    peak_tflops: float = flag(0.0, "peak accelerator TFLOP/s for the logged MFU; 0 = from the table of known GPUs "
+                                   "(none on CPU)")
+    wandb_mode: str = flag("auto", "Weights & Biases, rank 0 only (dapt/observe/tracking.py): auto (WANDB_MODE if "
+                                   "set, else online when an API key is configured, else disabled), online, offline "
+                                   "(`wandb sync` later) or disabled", choices=WANDB_MODES)
+    wandb_project: str = flag("", 'W&B project; "" = $WANDB_PROJECT, else dapt')
+    wandb_group: str = flag("", 'W&B group that one pipeline\'s jobs share; "" = $DAPT_WANDB_GROUP')
+    wandb_name: str = flag("", 'W&B run name; "" = <stage>-<output dir name>')
+    progress: str = flag("auto", "console progress on rank 0: auto (a tqdm bar in a terminal, plain lines with ETA "
+                                 "otherwise, e.g. Slurm logs), bar, or lines", choices=PROGRESS)
 
 
 @dataclass
 class MLMConfig(TrainConfig):
-    dataset_split: str = "unsupervised"
-    warmup: float = 500
-    mlm_probability: float = 0.15
-    packing: bool = True  # full blocks of max_seq_length; off: one truncated review per row, padded per batch
-    sparse_mlm_head: bool = True  # vocabulary projection only at masked positions
-    # Loss = sum over masked tokens / all-reduced count of masked tokens in the optimizer step (all
-    # ranks, all micro-batches); off: each micro-batch's own mean.
-    global_loss_norm: bool = True
-    # Whole-word masking: mlm_probability of the words are chosen and all their WordPiece pieces (a token
-    # plus the `##` pieces after it) become targets together, so a word is never predicted from its own
-    # visible pieces (BERT's WWM models); off: each piece is chosen on its own, as the reference recipe.
-    whole_word_mask: bool = False
+    """Stage 1: masked-language-model pretraining on the domain's text (domain-adaptive pretraining)."""
+
+    dataset_split: str = flag_like(DataConfig, "dataset_split", "unsupervised")
+    warmup: float = flag_like(TrainConfig, "warmup", 500)
+    select_best: str = flag_like(TrainConfig, "select_best", choices=("none", "loss"))
+    mlm_probability: float = flag(0.15, "the fraction of tokens (of words, with --whole_word_mask) chosen as "
+                                        "prediction targets")
+    packing: bool = flag(True, "speed switch: full blocks of max_seq_length tokens; false: one truncated text per "
+                               "row, padded per batch")
+    sparse_mlm_head: bool = flag(True, "speed switch: the vocabulary projection only at masked positions")
+    global_loss_norm: bool = flag(True, "loss = sum over masked tokens / all-reduced count of masked tokens in the "
+                                        "optimizer step (all ranks, all micro-batches); false: each micro-batch's "
+                                        "own mean")
+    whole_word_mask: bool = flag(False, "whole-word masking: --mlm_probability of the words are chosen and all "
+                                        "their WordPiece pieces (a token plus the ## pieces after it) become targets "
+                                        "together, so a word is never predicted from its own visible pieces (BERT's "
+                                        "WWM models); false: each piece is chosen on its own, as the reference "
+                                        "recipe")
 
 
 @dataclass
 class FinetuneConfig(TrainConfig):
-    label_column: str = "label"
-    # head: keep the first tokens; head+tail: keep the first `head_tokens` and fill the rest of the
-    # budget from the end of the review (Sun et al. 2019: 128 + 382 of 512).
-    truncation: str = "head+tail"
-    head_tokens: int = 128
-    # Batches of similar length (sorted within large shuffled chunks; batch order stays random).
-    length_bucketing: bool = True
-    # The last encoder layer computed for [CLS] only (the pooler reads nothing else).
-    cls_only_last_layer: bool = True
+    """Stage 2: fine-tuning a sequence classifier, usually from the MLM stage's export."""
+
+    select_best: str = flag_like(TrainConfig, "select_best", choices=("none", "accuracy", "f1_macro"))
+    label_column: str = flag("label", "the column holding the label (0/1, or a name: neg/negative, pos/positive, "
+                                      "--label_map)")
+    truncation: str = flag("head+tail", "head: keep the first tokens; head+tail: keep the first --head_tokens and "
+                                        "fill the rest of the budget from the end of the text (Sun et al. 2019: "
+                                        "128 + 382 of 512)", choices=TRUNCATIONS)
+    head_tokens: int = flag(128, "tokens kept from the start with --truncation head+tail")
+    length_bucketing: bool = flag(True, "speed switch: batches of similar length (sorted within large shuffled "
+                                        "chunks; batch order stays random)")
+    cls_only_last_layer: bool = flag(True, "speed switch: the last encoder layer computed for [CLS] only (the "
+                                           "pooler reads nothing else)")
 
 
 @dataclass
 class EvalConfig(DataConfig):
-    output_dir: str = ""
-    model_name_or_path: str = ""
-    dataset_split: str = "test"
-    label_column: str = "label"
-    eval_batch_size: int = 64
-    max_seq_length: int = 0  # 0 = as the model was trained (stored in its config)
-    truncation: str = ""  # "" = as the model was trained
-    head_tokens: int = 0  # 0 = as the model was trained
-    # auto: bf16 (or fp16) autocast on GPUs that support it, fp32 on CPU.
-    precision: str = "auto"
-    # Several test sets in one job: NAME=PATH entries (PATH: files or folders as for data_files); each is
-    # scored and written to eval_results-<NAME>.json, with one combined eval_table.md. Empty: one set,
-    # the data options above, named eval_name (default: from the data, e.g. imdb-test).
-    eval_sets: list[str] = field(default_factory=list)
-    eval_name: str = ""
-    # predictions.jsonl (predictions-<NAME>.jsonl): every example once, in input order, with its row, id
-    # (id_column), label, predicted label and class probabilities.
-    save_predictions: bool = False
-    cls_only_last_layer: bool = True  # as in fine-tuning: the last layer for [CLS] only
-    overwrite_output_dir: bool = False
-    # Weights & Biases for the results (as in TrainConfig; a run of job type "evaluate").
-    wandb_mode: str = "auto"
-    wandb_project: str = ""
-    wandb_group: str = ""
-    wandb_name: str = ""
+    """Exact distributed evaluation of an exported classifier on one or more test sets."""
+
+    output_dir: str = flag("", "where the results go: eval_results.json, predictions (required)")
+    model_name_or_path: str = flag("", "an exported model folder (required)")
+    dataset_split: str = flag_like(DataConfig, "dataset_split", "test")
+    label_column: str = flag_like(FinetuneConfig, "label_column")
+    eval_batch_size: int = flag_like(TrainConfig, "eval_batch_size")
+    max_seq_length: int = flag(0, "tokens per sequence; 0 = as the model was trained (stored in its config)")
+    truncation: str = flag("", 'as for fine-tuning; "" = as the model was trained', choices=TRUNCATIONS)
+    head_tokens: int = flag(0, "as for fine-tuning; 0 = as the model was trained")
+    precision: str = flag("auto", "auto: bf16 (or fp16) autocast on GPUs that support it, fp32 on CPU",
+                          choices=PRECISIONS)
+    eval_sets: list[str] = flag([], "several test sets in one job: NAME=PATH entries (PATH: files or folders as for "
+                                    "--data_files); each is scored and written to eval_results-<NAME>.json, with one "
+                                    "combined eval_table.md; none: one set, the data flags above, named --eval_name")
+    eval_name: str = flag("", 'the test set\'s name; "" = from the data, e.g. imdb-test')
+    save_predictions: bool = flag(False, "write predictions.jsonl (predictions-<NAME>.jsonl): every example once, "
+                                         "in input order, with its row, id (--id_column), label, predicted label "
+                                         "and class probabilities")
+    cls_only_last_layer: bool = flag_like(FinetuneConfig, "cls_only_last_layer")
+    overwrite_output_dir: bool = flag(False, "replace results already in output_dir")
+    wandb_mode: str = flag_like(TrainConfig, "wandb_mode")
+    wandb_project: str = flag_like(TrainConfig, "wandb_project")
+    wandb_group: str = flag_like(TrainConfig, "wandb_group")
+    wandb_name: str = flag_like(TrainConfig, "wandb_name")
 
 
 @dataclass
 class ExportConfig:
-    checkpoint: str = ""  # a checkpoint folder (…/checkpoints/<tag>) or a run's output dir (latest)
-    output_dir: str = ""
-    overwrite_output_dir: bool = False
+    """A checkpoint -> a Hugging Face model folder."""
+
+    checkpoint: str = flag("", "a checkpoint folder (.../checkpoints/<tag>) or a run's output dir (its latest) "
+                               "(required)")
+    output_dir: str = flag("", "the model folder to write (required)")
+    overwrite_output_dir: bool = flag(False, "replace an existing model folder")
 
 
 C = TypeVar("C")
@@ -258,21 +296,85 @@ class OneLineParser(argparse.ArgumentParser):
         raise DaptError(f"{self.prog}: {message}")
 
 
-def parse_config(cls: type[C], stage: str, argv: Sequence[str] | None = None) -> C:
-    """Build a stage config from defaults, an optional recipe file and command-line flags."""
-    parser = OneLineParser(prog=stage, allow_abbrev=False, description=cls.__doc__)
-    parser.add_argument("--config", help="recipe file (YAML/JSON)")
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """For the commands' own parsers: each flag's help followed by its default, as argparse's
+    ArgumentDefaultsHelpFormatter, but silent where there is none to show (None, an unset switch) or the
+    help already says it; the description (a module docstring) as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _show(value: Any) -> str:
+    """A config value as --help shows it (and as the flag takes it)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return " ".join(value) if value else "none"
+    return '""' if value == "" else str(value)
+
+
+def _field_help(f: dataclasses.Field) -> str:
+    text = f.metadata["help"]
+    if not text.endswith("(required)"):
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        text = f"{text} (default: {_show(default)})"
+    return text.replace("%", "%%")
+
+
+def _group_title(cls: type, f: dataclasses.Field, stage: str) -> str:
+    """Flags grouped by the config class that declares them: data, training, then the stage's own."""
+    owner = next(c for c in reversed(cls.__mro__) if f.name in vars(c).get("__annotations__", {}))
+    return {DataConfig: "data", TrainConfig: "training"}.get(owner, stage) + " options"
+
+
+_METAVARS = {int: "INT", float: "FLOAT"}
+
+
+def add_flag(group: argparse._ActionsContainer, cls: type, f: dataclasses.Field, **kwargs: Any) -> None:
+    """`--<field>` with the field's help, default and allowed values. Its argparse default is None (not
+    given), so that a recipe's value survives; the field's own default is what --help shows."""
+    kind = _field_kind(cls, f)
+    choices = f.metadata["choices"]
+    metavar = "{" + ",".join(choices) + "}" if choices else _METAVARS.get(kind, "STR")
+    if typing.get_origin(kind) is list:
+        kwargs.update(nargs="+")
+    elif kind is bool:
+        kwargs.update(nargs="?", const="true")
+        metavar = "{true,false}"
+    group.add_argument(f"--{f.name}", default=None, metavar=metavar, help=_field_help(f), **kwargs)
+
+
+def build_parser(cls: type, stage: str, parents: Sequence[argparse.ArgumentParser] = (),
+                 usage: str | None = None) -> OneLineParser:
+    """The stage's flags, one per config field: its meaning, default and allowed values come from the field."""
+    parser = OneLineParser(prog=stage, allow_abbrev=False, description=cls.__doc__, parents=list(parents),
+                           usage=usage or "%(prog)s [-h] [--config RECIPE] [--FIELD VALUE ...]",
+                           epilog="Precedence: the defaults shown < the --config recipe < flags. A switch alone "
+                                  "turns it on (--FIELD), --FIELD false turns it off.")
+    parser.add_argument("--config", metavar="RECIPE",
+                        help=f"the recipe, a YAML/JSON path or a packaged name ({', '.join(names(RECIPE))}): values "
+                             "for the fields below, top-level or in a section per stage (mlm:, finetune:, evaluate:, "
+                             "export:)")
     # The deepspeed launcher appends --local_rank=N; the rank itself is read from the environment.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    groups: dict[str, argparse._ArgumentGroup] = {}
     for f in dataclasses.fields(cls):
-        kind = _field_kind(cls, f)
-        if typing.get_origin(kind) is list:
-            parser.add_argument(f"--{f.name}", nargs="+", default=None)
-        elif kind is bool:
-            parser.add_argument(f"--{f.name}", nargs="?", const="true", default=None)
-        else:
-            parser.add_argument(f"--{f.name}", default=None)
-    args = parser.parse_args(argv)
+        title = _group_title(cls, f, stage)
+        if title not in groups:
+            groups[title] = parser.add_argument_group(title)
+        add_flag(groups[title], cls, f)
+    return parser
+
+
+def parse_config(cls: type[C], stage: str, argv: Sequence[str] | None = None,
+                 parents: Sequence[argparse.ArgumentParser] = (), usage: str | None = None) -> C:
+    """Build a stage config from defaults, an optional recipe file and command-line flags (`parents`: a
+    command's own flags, parsed and listed in --help beside the config's)."""
+    args = build_parser(cls, stage, parents, usage).parse_args(argv)
     values: dict[str, Any] = {}
     if args.config:
         values.update(_read_recipe(args.config, stage, cls))
@@ -308,6 +410,17 @@ def _range(cfg: Any, name: str, low: float, high: float | None = None, low_open:
         raise DaptError(f"{name} must be {want}{note}, got {value}")
 
 
+def _allowed(cfg: Any, name: str) -> tuple[str, ...]:
+    return next(f for f in dataclasses.fields(cfg) if f.name == name).metadata["choices"]
+
+
+def _choice(cfg: Any, name: str, note: str = "") -> None:
+    """A closed-set field's value against the values its declaration allows (what --help lists)."""
+    value = getattr(cfg, name)
+    if value not in _allowed(cfg, name):
+        raise DaptError(f"{name} must be one of {', '.join(_allowed(cfg, name))}{note}, got {value!r}")
+
+
 def _validate_data(cfg: DataConfig) -> None:
     if isinstance(cfg, TrainConfig) or cfg.max_seq_length:  # evaluation: 0 = as the model was trained
         _range(cfg, "max_seq_length", 8, note=" (0 = as trained, evaluation only)" if not isinstance(
@@ -316,10 +429,8 @@ def _validate_data(cfg: DataConfig) -> None:
     _range(cfg, "num_proc", 1)
     if cfg.prepared_dir and cfg.data_files:
         raise DaptError("pass either --prepared_dir or --data_files, not both (a prepared directory holds its data)")
-    if cfg.empty_texts not in ("error", "drop"):
-        raise DaptError(f"empty_texts must be error or drop, got {cfg.empty_texts!r}")
-    if cfg.encoding_errors not in ("error", "replace"):
-        raise DaptError(f"encoding_errors must be error or replace, got {cfg.encoding_errors!r}")
+    _choice(cfg, "empty_texts")
+    _choice(cfg, "encoding_errors")
     for entry in cfg.label_map:
         name, _, value = entry.partition("=")
         if not name.strip() or value.strip() not in {str(k) for k in ID2LABEL}:
@@ -333,8 +444,7 @@ def _validate_training(cfg: TrainConfig) -> None:
     for name in ("eval_steps", "save_steps", "weight_decay", "peak_tflops"):
         _range(cfg, name, 0)
     _range(cfg, "num_workers", -1, note=" (-1 = auto)")
-    if cfg.optimizer not in OPTIMIZERS:
-        raise DaptError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {cfg.optimizer!r}")
+    _choice(cfg, "optimizer")
     _range(cfg, "max_grad_norm", 0, note=" (0 = no clipping)")
     _range(cfg, "learning_rate", 0, low_open=True)
     _range(cfg, "adam_epsilon", 0, low_open=True)
@@ -346,27 +456,22 @@ def _validate_training(cfg: TrainConfig) -> None:
         raise DaptError(f"warmup must be a step count (>= 1) or a fraction in [0, 1), got {cfg.warmup}")
     if not cfg.resume:
         raise DaptError("resume must be auto, never or a checkpoint path")
-    if cfg.attn_implementation not in ATTN_IMPLEMENTATIONS:
-        raise DaptError(f"attn_implementation must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, "
-                        f"got {cfg.attn_implementation!r}")
-    if cfg.progress not in ("auto", "bar", "lines"):
-        raise DaptError(f"progress must be auto, bar or lines, got {cfg.progress!r}")
+    _choice(cfg, "attn_implementation")
+    _choice(cfg, "progress")
     if isinstance(cfg, MLMConfig):
         _range(cfg, "mlm_probability", 0, 1, low_open=True)
-    metrics = ("none", "loss") if isinstance(cfg, MLMConfig) else ("none", "accuracy", "f1_macro")
-    if cfg.select_best not in metrics:
-        raise DaptError(f"select_best must be one of {', '.join(metrics)} for this stage, got {cfg.select_best!r}")
+    _choice(cfg, "select_best", " for this stage")
     _range(cfg, "early_stopping_patience", 0, note=" (0 = off)")
     if cfg.early_stopping_patience and cfg.select_best == "none":
         raise DaptError("early_stopping_patience needs a metric to watch: pass --select_best "
-                        f"{metrics[1]}")
+                        f"{_allowed(cfg, 'select_best')[1]}")
     if cfg.select_best != "none" and cfg.validation_split == 0:
         raise DaptError("select_best needs held-out data: validation_split must be > 0")
 
 
 def _validate_truncation(cfg: FinetuneConfig | EvalConfig) -> None:
-    if cfg.truncation and cfg.truncation not in TRUNCATIONS:
-        raise DaptError(f"truncation must be one of {', '.join(TRUNCATIONS)}, got {cfg.truncation!r}")
+    if cfg.truncation:  # evaluation: "" = as the model was trained
+        _choice(cfg, "truncation")
     _range(cfg, "head_tokens", 0)
     budget = cfg.max_seq_length - 2
     if cfg.truncation == "head+tail" and cfg.max_seq_length and not 0 < cfg.head_tokens < budget:
@@ -375,8 +480,7 @@ def _validate_truncation(cfg: FinetuneConfig | EvalConfig) -> None:
 
 
 def _validate_wandb(cfg: TrainConfig | EvalConfig) -> None:
-    if cfg.wandb_mode not in ("auto", "online", "offline", "disabled"):
-        raise DaptError(f"wandb_mode must be auto, online, offline or disabled, got {cfg.wandb_mode!r}")
+    _choice(cfg, "wandb_mode")
     if cfg.wandb_mode in ("online", "offline") and importlib.util.find_spec("wandb") is None:
         raise DaptError(f"wandb_mode {cfg.wandb_mode} needs the wandb package: pip install 'dapt[wandb]'")
 
@@ -415,8 +519,7 @@ def validate(cfg: Any) -> None:
             raise DaptError("--model_name_or_path is required (an exported model folder)")
         _range(cfg, "eval_batch_size", 1)
         _validate_eval_sets(cfg)
-        if cfg.precision not in ("auto", "fp32", "fp16", "bf16"):
-            raise DaptError(f"precision must be auto, fp32, fp16 or bf16, got {cfg.precision!r}")
+        _choice(cfg, "precision")
     if isinstance(cfg, (TrainConfig, EvalConfig)):
         _validate_wandb(cfg)
     if isinstance(cfg, ExportConfig) and not cfg.checkpoint:

@@ -16,7 +16,8 @@ from typing import Any, Sequence
 
 import torch
 
-from dapt.config import STAGE_CONFIGS, FinetuneConfig, MLMConfig, OneLineParser, TrainConfig, parse_config, warmup_steps
+from dapt.config import (STAGE_CONFIGS, FinetuneConfig, HelpFormatter, MLMConfig, OneLineParser, TrainConfig,
+                         parse_config, warmup_steps)
 from dapt.data.batching import steps_per_epoch
 from dapt.data.prepared import read_manifest
 from dapt.data.sources import ACLIMDB_SPLITS, expand_inputs
@@ -582,12 +583,13 @@ def _flags_for(cls: type, argv: list[str]) -> list[str]:
 
 
 def parse_plan_args(argv: Sequence[str] | None) -> PlanRequest:
-    ap = OneLineParser(prog="dapt plan", allow_abbrev=False, add_help=True,
+    ap = OneLineParser(prog="dapt plan", allow_abbrev=False, add_help=True, formatter_class=HelpFormatter,
                        description="What a training job will do on a cluster shape (no GPU, no hub). Any stage "
-                                   "config field is accepted as a flag (--ds_config, --micro_batch_size, ...).")
+                                   "config field is accepted as a flag (--ds_config, --micro_batch_size, ...: "
+                                   "`dapt mlm --help` lists them).")
     ap.add_argument("--config", help="recipe file (YAML/JSON), as for the stage")
-    ap.add_argument("--stage", choices=("mlm", "finetune", "all"), default="all")
-    ap.add_argument("--nodes", type=int, default=1)
+    ap.add_argument("--stage", choices=("mlm", "finetune", "all"), default="all", help="the stage(s) to plan")
+    ap.add_argument("--nodes", type=int, default=1, help="nodes in the cluster shape")
     ap.add_argument("--gpus_per_node", type=int, default=1, help="GPUs per node (ranks per node with --gpu cpu)")
     ap.add_argument("--gpu", required=True, help=f"{', '.join(g.name for g in GPUS.values())}, or cpu")
     ap.add_argument("--mfu", type=float, default=DEFAULT_MFU, help="model FLOPs utilisation for the wall time")

@@ -439,7 +439,7 @@ def test_wandb_mode_resolution():
 def test_bad_wandb_settings_are_one_line_errors(base_env, tmp_path):
     proc = run_cli("finetune.py", ["--output_dir", tmp_path / "x", "--wandb_mode", "sometimes"], base_env)
     assert proc.returncode == 2 and proc.stderr.strip() == (
-        "dapt: error: wandb_mode must be auto, online, offline or disabled, got 'sometimes'")
+        "dapt: error: wandb_mode must be one of auto, online, offline, disabled, got 'sometimes'")
     assert not (tmp_path / "x").exists()
 
 

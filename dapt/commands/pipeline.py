@@ -12,12 +12,11 @@
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Sequence
 
 from dapt.commands import command
-from dapt.config import OneLineParser
+from dapt.config import HelpFormatter, OneLineParser
 from dapt.configs import find_recipe
 from dapt.errors import DaptError
 from dapt.pipeline import default_ranks, run_pipeline, run_sweep, sweep_grid
@@ -25,12 +24,14 @@ from dapt.pipeline import default_ranks, run_pipeline, run_sweep, sweep_grid
 
 @command
 def main(argv: Sequence[str] | None = None) -> dict:
-    ap = OneLineParser(prog="pipeline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--output_dir", default="runs/pipeline")
+    ap = OneLineParser(prog="pipeline", description=__doc__, formatter_class=HelpFormatter)
+    ap.add_argument("--output_dir", default="runs/pipeline",
+                    help="the pipeline's directory: data/, mlm/, finetune/, eval/ (dapt/layout.py)")
     ap.add_argument("--config", help="recipe file with mlm/finetune/evaluate sections")
     ap.add_argument("--demo", action="store_true", help="synthetic data + recipes/demo.yaml (CPU friendly)")
     ap.add_argument("--num_gpus", type=int, default=0, help="ranks per stage (default: all local accelerators, 2 on CPU)")
-    ap.add_argument("--overwrite_output_dir", action="store_true")
+    ap.add_argument("--overwrite_output_dir", action="store_true",
+                    help="replace what a non-empty --output_dir holds (a previous pipeline); without it, refused")
     ap.add_argument("--seeds", type=int, nargs="+", help="sweep: fine-tune once per seed (default: the recipe's)")
     ap.add_argument("--learning_rates", type=float, nargs="+",
                     help="sweep: fine-tune once per learning rate (default: the recipe's)")

@@ -13,7 +13,7 @@ import sys
 from typing import Any, Sequence, TextIO
 
 from dapt.commands import command
-from dapt.config import OneLineParser
+from dapt.config import PRECISIONS, HelpFormatter, OneLineParser
 from dapt.errors import DaptError
 from dapt.io import atomic_write_text
 from dapt.serve import predict
@@ -32,16 +32,18 @@ def logs_to_stderr() -> None:
 
 
 def build_parser(prog: str = "dapt predict") -> argparse.ArgumentParser:
-    ap = OneLineParser(prog=prog, description=predict.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = OneLineParser(prog=prog, description=predict.__doc__, formatter_class=HelpFormatter)
     ap.add_argument("texts", nargs="*", help="texts to classify (default: --file or stdin)")
     ap.add_argument("--model", "--model_dir", dest="model", required=True,
                     help="an exported classifier folder (or a fine-tune stage's output dir)")
     ap.add_argument("--file", "-f", help="one text per line; - = stdin")
-    ap.add_argument("--format", choices=("jsonl", "table"), default="jsonl")
+    ap.add_argument("--format", choices=("jsonl", "table"), default="jsonl",
+                    help="jsonl: one JSON object per text; table: aligned columns for reading")
     ap.add_argument("--output", "-o", help="write here instead of stdout")
-    ap.add_argument("--batch_size", type=int, default=32)
+    ap.add_argument("--batch_size", type=int, default=32, help="texts per forward pass")
     ap.add_argument("--device", default=None, help="default: the accelerator DeepSpeed detects (cuda, cpu, ...)")
-    ap.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"))
+    ap.add_argument("--precision", default="auto", choices=PRECISIONS,
+                    help="auto: bf16 (or fp16) autocast on GPUs that support it; fp32 on CPU whatever is asked")
     return ap
 
 

@@ -1,18 +1,17 @@
 """`dapt summarize DIR`: mean, std and 95% intervals over the runs of a sweep (seeds x settings)."""
 from __future__ import annotations
 
-import argparse
 from typing import Any, Sequence
 
 from dapt.commands import command
-from dapt.config import OneLineParser
+from dapt.config import HelpFormatter, OneLineParser
 from dapt.observe import sweep
 
 
 @command
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap = OneLineParser(prog="dapt summarize", description=sweep.__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+                       formatter_class=HelpFormatter)
     ap.add_argument("sweep_dir", help="a directory holding runs at any depth (a sweep's, or any)")
     ap.add_argument("--output_dir", help="where the summary goes (default: SWEEP_DIR)")
     args = ap.parse_args(argv)

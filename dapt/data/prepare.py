@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dapt.config import to_dict
+from dapt.config import flag, to_dict
 from dapt.data.classify import classification_splits, eval_split
 from dapt.data.mlm import mlm_splits, tokenize_for_mlm
 from dapt.data.prepared import FORMAT, FORMAT_VERSION, MANIFEST, content_fingerprint, hash_file, stage_settings
@@ -43,11 +43,11 @@ STAGES = ("mlm", "finetune", "evaluate")
 class PrepareOptions:
     """Flags of the prepare step itself; every other flag belongs to the stage's config."""
 
-    stage: str
-    # Evaluation text read only to count texts shared with the training data (leakage). Default: the
-    # hub dataset's, or the aclImdb tree's, `test_split`; other local data needs --test_files.
-    test_files: list[str]
-    test_split: str
+    stage: str = flag("", "the stage whose data to prepare: its flags follow (required)", choices=STAGES)
+    test_files: list[str] = flag([], "evaluation text, read only to count the training texts it shares "
+                                     "(leakage); none: the hub dataset's, or the aclImdb tree's, --test_split "
+                                     "(other local data needs --test_files)")
+    test_split: str = flag("test", "the split read for that count when --test_files is not given")
 
 
 def guard_target(out: Path, overwrite: bool) -> None:
