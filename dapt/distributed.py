@@ -312,25 +312,9 @@ def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return _all_reduce(tensor, info, dist.ReduceOp.SUM)
 
 
-def all_reduce_max(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    return _all_reduce(tensor, info, dist.ReduceOp.MAX)
-
-
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
-
-
-@contextlib.contextmanager
-def main_process_first(info: DistInfo) -> Iterator[None]:
-    """Rank 0 runs the block first (e.g. datasets.map writes its cache); the others then reuse it."""
-    if not info.is_main:
-        barrier()
-    try:
-        yield
-    finally:
-        if info.is_main:
-            barrier()
 
 
 CACHE_SCOPES = ("shared", "node")
@@ -354,9 +338,9 @@ def is_cache_first(info: DistInfo, scope: str | None = None) -> bool:
 
 @contextlib.contextmanager
 def node_main_first(info: DistInfo, scope: str | None = None) -> Iterator[None]:
-    """`main_process_first` per datasets cache: the first rank of each cache runs the block (reads the
+    """Main process first, per datasets cache: the first rank of each cache runs the block (reads the
     data, tokenises it, writes the cache) while the other ranks wait; then they run it and reuse that
-    cache. With DAPT_CACHE_SCOPE=shared (the default) that is global rank 0, as main_process_first;
+    cache. With DAPT_CACHE_SCOPE=shared (the default) that is global rank 0;
     with DAPT_CACHE_SCOPE=node it is each node's local rank 0, so every node tokenises once into its own
     cache instead of once per rank (or, with rank 0 first, every rank of the other nodes at once).
 

@@ -8,7 +8,7 @@ import datasets
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from dapt.data.classify import tokenize_for_classification
-from dapt.distributed import main_process_first, setup_distributed, shutdown
+from dapt.distributed import node_main_first, setup_distributed, shutdown
 from dapt.eval.scoring import score_classifier, score_with_predictions
 
 model_dir, data_file, out_file = sys.argv[1:4]
@@ -19,7 +19,7 @@ model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
 full = datasets.load_dataset("json", data_files=data_file, split="train")
 results = {}
 for n in sizes:
-    with main_process_first(info):  # rank 0 writes the datasets cache, the others reuse it
+    with node_main_first(info, "shared"):  # rank 0 writes the datasets cache, the others reuse it
         data = tokenize_for_classification(full.select(range(n)), tok, 64, "head+tail", 16)
     for bs in (1, 4, 16):
         res = score_classifier(lambda b: model(**b).logits, data, info, bs, tok.pad_token_id, info.device)
