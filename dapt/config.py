@@ -70,8 +70,8 @@ class DataConfig:
                             choices=("error", "drop"))
     encoding_errors: str = flag("error", "bytes that are not UTF-8: error, or replace them with U+FFFD (the count "
                                          "is reported)", choices=("error", "replace"))
-    label_map: list[str] = flag([], "extra label names, name=id (e.g. good=1); neg/negative = 0 and pos/positive "
-                                    "= 1 are built in")
+    label_map: list[str] = flag([], "extra label names, name=id (e.g. good=1, neutral=2); neg/negative = 0 and "
+                                    "pos/positive = 1 are built in")
     num_proc: int = flag(1, "processes that tokenise (datasets.map); 1 = in the stage's own process")
 
 
@@ -174,8 +174,13 @@ class FinetuneConfig(TrainConfig):
     """Stage 2: fine-tuning a sequence classifier, usually from the MLM stage's export."""
 
     select_best: str = flag_like(TrainConfig, "select_best", choices=("none", "accuracy", "f1_macro"))
-    label_column: str = flag("label", "the column holding the label (0/1, or a name: neg/negative, pos/positive, "
-                                      "--label_map)")
+    label_column: str = flag("label", "the column holding the label: a class id (0..K-1) or a name (--label_names, "
+                                      "--label_map; neg/negative, pos/positive)")
+    num_labels: int = flag(0, "classes; 0 = inferred from the training labels (the ids 0..K-1 that all occur, or the "
+                              "distinct names; at least 2) and printed with their counts")
+    label_names: list[str] = flag([], "class names in id order (e.g. World Sports Business Sci/Tech): the model's "
+                                      "id2label, what predictions, cards and the demo show; the data may use these "
+                                      "names or their ids; none: from the data (negative positive for two classes)")
     truncation: str = flag("head+tail", "head: keep the first tokens; head+tail: keep the first --head_tokens and "
                                         "fill the rest of the budget from the end of the text (Sun et al. 2019: "
                                         "128 + 382 of 512)", choices=TRUNCATIONS)
@@ -194,6 +199,9 @@ class EvalConfig(DataConfig):
     model_name_or_path: str = flag("", "an exported model folder (required)")
     dataset_split: str = flag_like(DataConfig, "dataset_split", "test")
     label_column: str = flag_like(FinetuneConfig, "label_column")
+    num_labels: int = flag(0, "classes; 0 = as the model was trained (its id2label)")
+    label_names: list[str] = flag([], "class names in id order; none = as the model was trained (its id2label); "
+                                      "given, they must be the model's")
     eval_batch_size: int = flag_like(TrainConfig, "eval_batch_size")
     max_seq_length: int = flag(0, "tokens per sequence; 0 = as the model was trained (stored in its config)")
     truncation: str = flag("", 'as for fine-tuning; "" = as the model was trained', choices=TRUNCATIONS)
@@ -431,10 +439,36 @@ def _validate_data(cfg: DataConfig) -> None:
         raise DaptError("pass either --prepared_dir or --data_files, not both (a prepared directory holds its data)")
     _choice(cfg, "empty_texts")
     _choice(cfg, "encoding_errors")
+    classes = getattr(cfg, "num_labels", 0) or len(getattr(cfg, "label_names", []))
     for entry in cfg.label_map:
         name, _, value = entry.partition("=")
-        if not name.strip() or value.strip() not in {str(k) for k in ID2LABEL}:
-            raise DaptError(f"label_map entries are name=id with id in {sorted(ID2LABEL)}, got {entry!r}")
+        if not name.strip() or not value.strip().isdigit() or (classes and int(value) >= classes):
+            ids = f"0..{classes - 1}" if classes else "a class id (0, 1, ...)"
+            raise DaptError(f"label_map entries are name=id with id {ids}, got {entry!r}")
+
+
+def check_class_names(names: Sequence[str], where: str) -> None:
+    """Class names must be non-empty and unique (case-insensitively: labels in the data match them so)."""
+    seen: dict[str, str] = {}
+    for n in names:
+        if not n.strip():
+            raise DaptError(f"{where}: class names must not be empty")
+        if n.strip().lower() in seen:
+            other = seen[n.strip().lower()]
+            raise DaptError(f"{where}: duplicated class name {n!r}" + (f" (and {other!r})" if other != n else ""))
+        seen[n.strip().lower()] = n
+
+
+def _validate_labels(cfg: FinetuneConfig | EvalConfig) -> None:
+    """num_labels and label_names agree; one class is not classification (Hugging Face would regress)."""
+    if cfg.num_labels < 0 or cfg.num_labels == 1:
+        raise DaptError(f"num_labels must be 0 (inferred) or at least 2, got {cfg.num_labels}")
+    if cfg.label_names:
+        check_class_names(cfg.label_names, "label_names")
+        if len(cfg.label_names) < 2:
+            raise DaptError(f"label_names must name at least 2 classes, got {len(cfg.label_names)}")
+        if cfg.num_labels and len(cfg.label_names) != cfg.num_labels:
+            raise DaptError(f"label_names has {len(cfg.label_names)} names but num_labels is {cfg.num_labels}")
 
 
 def _validate_training(cfg: TrainConfig) -> None:
@@ -513,6 +547,7 @@ def validate(cfg: Any) -> None:
     if isinstance(cfg, TrainConfig):
         _validate_training(cfg)
     if isinstance(cfg, (FinetuneConfig, EvalConfig)):
+        _validate_labels(cfg)
         _validate_truncation(cfg)
     if isinstance(cfg, EvalConfig):
         if not cfg.model_name_or_path:

@@ -228,14 +228,15 @@ def model_config(name: str) -> tuple[Any, str]:
     return config, f"{path}/config.json" if Path(path).is_dir() else "the Hugging Face cache"
 
 
-def meta_model(config: Any, stage: str) -> torch.nn.Module:
-    """The stage's model on the meta device: shapes only, no memory, no weights."""
+def meta_model(config: Any, stage: str, num_labels: int = 2) -> torch.nn.Module:
+    """The stage's model on the meta device: shapes only, no memory, no weights (a classifier head of
+    `num_labels` classes)."""
     from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification
 
     with torch.device("meta"):
         if stage == "mlm":
             return AutoModelForMaskedLM.from_config(config)
-        config.num_labels = 2
+        config.num_labels = num_labels
         return AutoModelForSequenceClassification.from_config(config)
 
 
@@ -506,7 +507,7 @@ def make_plan(cfg: TrainConfig, stage: str, cluster: Cluster, mfu: float = DEFAU
     stage_n = zero_stage(ds)
     precision, hints = plan_precision(ds, cfg.ds_config, cluster)
     config, model_source = model_config(cfg.model_name_or_path)
-    model = meta_model(config, stage)
+    model = meta_model(config, stage, getattr(cfg, "num_labels", 0) or len(getattr(cfg, "label_names", [])) or 2)
     params, largest = count_params(model)
     data = plan_data(cfg, stage, examples, tokens_per_example)
     per_epoch = steps_per_epoch(data.rows, cfg.effective_batch_size)

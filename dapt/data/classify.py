@@ -4,13 +4,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
-from dapt.config import EvalConfig, FinetuneConfig
-from dapt.data.prepared import load_prepared, stage_settings
-from dapt.data.sources import load_table, split_validation
+from dapt.config import ID2LABEL, EvalConfig, FinetuneConfig
+from dapt.data.labels import summary_line
+from dapt.data.prepared import load_prepared, read_manifest, stage_settings
+from dapt.data.sources import load_source, print_notes, split_validation
 from dapt.data.text import cls_sep, encode_for_classification, map_procs
 from dapt.distributed import DistInfo, node_main_first
+from dapt.errors import DaptError
 
 
 def tokenize_for_classification(ds: Any, tokenizer: Any, max_seq_length: int, strategy: str,
@@ -51,22 +54,50 @@ def _encode(ds: Any, cfg: FinetuneConfig | EvalConfig, tokenizer: Any) -> Any:
                                        cfg.num_proc)
 
 
-def classification_splits(cfg: FinetuneConfig, info: DistInfo, tokenizer: Any) -> tuple[Any, Any | None]:
-    """The fine-tune stage's tokenised train and held-out splits: from a prepared directory (settings
-    checked), or read, split and tokenised here (the first rank of each datasets cache first, the
-    others reuse it: see node_main_first)."""
+def class_counts(ds: Any, k: int) -> list[int]:
+    """Examples per class id (the label column read as one numpy array, not row by row)."""
+    return np.bincount(ds.with_format("numpy")["label"], minlength=k).tolist() if len(ds) else [0] * k
+
+
+def prepared_label_names(cfg: FinetuneConfig | EvalConfig) -> list[str]:
+    """The classes a prepared directory was made with (older directories: the binary default), checked
+    against the run's own num_labels / label_names."""
+    names = read_manifest(cfg.prepared_dir).get("labels", {}).get("names") or [ID2LABEL[0], ID2LABEL[1]]
+    if (cfg.label_names and list(cfg.label_names) != names) or (cfg.num_labels and cfg.num_labels != len(names)):
+        given = " ".join(cfg.label_names) if cfg.label_names else f"{cfg.num_labels} classes"
+        raise DaptError(f"prepared data {cfg.prepared_dir} has the classes {', '.join(names)}; this run asks for "
+                        f"{given} (prepare it again with these labels, or change them)")
+    return names
+
+
+def classification_splits(cfg: FinetuneConfig, info: DistInfo, tokenizer: Any) -> tuple[Any, Any | None, list[str]]:
+    """The fine-tune stage's tokenised train and held-out splits and the class names (dapt/data/labels.py):
+    from a prepared directory (settings checked), or read, split and tokenised here (the first rank of each
+    datasets cache first, the others reuse it: see node_main_first). Rank 0 prints the classes once."""
     if cfg.prepared_dir:
         data = load_prepared(cfg.prepared_dir, stage_settings(cfg, "finetune", tokenizer))
-        return data["train"], data.get("validation")
-    with node_main_first(info):
-        table = load_table(cfg, cfg.seed, label_column=cfg.label_column)
-        train, val = split_validation(table, cfg.validation_split, cfg.seed)
-        return _encode(train, cfg, tokenizer), (_encode(val, cfg, tokenizer) if val is not None else None)
+        train, val, names = data["train"], data.get("validation"), prepared_label_names(cfg)
+    else:
+        with node_main_first(info):
+            table, report = load_source(cfg, cfg.seed, cfg.label_column)
+            print_notes(report)
+            train, val = split_validation(table, cfg.validation_split, cfg.seed)
+            train, val = _encode(train, cfg, tokenizer), (_encode(val, cfg, tokenizer) if val is not None else None)
+        names = report.label_names
+    if info.is_main:
+        counts = [a + b for a, b in zip(class_counts(train, len(names)),
+                                         class_counts(val, len(names)) if val is not None else [0] * len(names))]
+        print(summary_line(names, counts), flush=True)
+    return train, val, names
 
 
 def eval_split(cfg: EvalConfig, info: DistInfo, tokenizer: Any) -> Any:
-    """The evaluation job's tokenised test set: from a prepared directory, or read and tokenised here."""
+    """The evaluation job's tokenised test set: from a prepared directory, or read and tokenised here. Its
+    labels are the model's classes (cfg.label_names, resolved from the model)."""
     if cfg.prepared_dir:
+        prepared_label_names(cfg)
         return load_prepared(cfg.prepared_dir, stage_settings(cfg, "evaluate", tokenizer))["test"]
     with node_main_first(info):
-        return _encode(load_table(cfg, seed=0, label_column=cfg.label_column), cfg, tokenizer)
+        table, report = load_source(cfg, 0, cfg.label_column)
+        print_notes(report)
+        return _encode(table, cfg, tokenizer)

@@ -18,13 +18,14 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from dapt.config import flag, to_dict
+from dapt.config import ID2LABEL, flag, to_dict
 from dapt.data.classify import classification_splits, eval_split
+from dapt.data.labels import is_default_binary
 from dapt.data.mlm import mlm_splits, tokenize_for_mlm
 from dapt.data.prepared import FORMAT, FORMAT_VERSION, MANIFEST, content_fingerprint, hash_file, stage_settings
 from dapt.data.sources import CHUNK_ROWS, SourceReport, aclimdb_root, load_source, split_validation
@@ -80,10 +81,14 @@ def _column(ds: Any, name: str) -> np.ndarray:
     return _rows_of(ds, ds.data.column(name).to_numpy())
 
 
-def summarize_classification(ds: Any) -> dict[str, Any]:
+def summarize_classification(ds: Any, names: Sequence[str] = (ID2LABEL[0], ID2LABEL[1])) -> dict[str, Any]:
+    """Examples, per class (the binary default as `negative`/`positive`, other classes as `label:<name>`),
+    token-length percentiles and the share truncated."""
     labels = _column(ds, "label") if "label" in ds.column_names else np.zeros(0)
     lengths = _column(ds, "n_tokens" if "n_tokens" in ds.column_names else "length")
-    return {"examples": len(ds), "negative": int((labels == 0).sum()), "positive": int((labels == 1).sum()),
+    counts = np.bincount(labels.astype(np.int64), minlength=len(names)) if len(labels) else np.zeros(len(names))
+    keys = list(names) if is_default_binary(names) else [f"label:{n}" for n in names]
+    return {"examples": len(ds), **{key: int(c) for key, c in zip(keys, counts)},
             **_percentiles(lengths),
             "truncated_share": round(float(np.mean(_column(ds, "truncated"))), 4) if len(ds) else 0.0}
 
@@ -111,7 +116,7 @@ _HEADERS = {"examples": "examples", "negative": "neg", "positive": "pos", "texts
 def format_summary(splits: dict[str, dict[str, Any]]) -> str:
     """One row per split: counts, label balance, token-length percentiles, share truncated (or dropped)."""
     columns = list(dict.fromkeys(k for row in splits.values() for k in row))
-    rows = [["split"] + [_HEADERS.get(c, c) for c in columns]]
+    rows = [["split"] + [_HEADERS.get(c, c.removeprefix("label:")) for c in columns]]
     for name, row in splits.items():
         rows.append([name] + [f"{row[c]:.1%}" if c.endswith("_share") else str(row[c]) if c in row else ""
                               for c in columns])
@@ -123,18 +128,22 @@ def format_summary(splits: dict[str, dict[str, Any]]) -> str:
 def build_splits(stage: str, cfg: Any, tokenizer: Any) -> tuple[dict[str, Any], dict[str, Any], SourceReport, Any]:
     """The stage's own data (its build function, in one process), plus per-split summaries."""
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo")
+    names: Sequence[str] = ()
     if stage == "mlm":
         splits = dict(zip(("train", "validation"), mlm_splits(cfg, info, tokenizer)))
     elif stage == "finetune":
-        splits = dict(zip(("train", "validation"), classification_splits(cfg, info, tokenizer)))
+        train, val, names = classification_splits(cfg, info, tokenizer)
+        splits = {"train": train, "validation": val}
     else:
         splits = {"test": eval_split(cfg, info, tokenizer)}
+        names = cfg.label_names  # the model's classes (resolve_eval_settings)
     splits = {name: ds for name, ds in splits.items() if ds is not None}
     # The stage read the source through this cache: the table and its report come back without a re-read.
     seed = 0 if stage == "evaluate" else cfg.seed
     table, report = load_source(cfg, seed, None if stage == "mlm" else cfg.label_column)
     if stage != "mlm":
-        return splits, {name: summarize_classification(ds) for name, ds in splits.items()}, report, table
+        report.label_names = list(names)  # the classes the ids stand for (a prepared table need not name them)
+        return splits, {name: summarize_classification(ds, names) for name, ds in splits.items()}, report, table
     texts = dict(zip(("train", "validation"), split_validation(table, cfg.validation_split, cfg.seed)))
     summary = {name: summarize_mlm(tokenize_for_mlm(text, tokenizer, cfg.num_proc), splits.get(name))
                for name, text in texts.items() if text is not None}
@@ -232,6 +241,7 @@ def prepare(opts: PrepareOptions, cfg: Any) -> dict[str, Any]:
         "truncation": getattr(cfg, "truncation", None),
         "packing": settings["packing"],
         "splits": {name: summary[name] for name in splits},  # load_prepared reads these names
+        **({"labels": {"names": report.label_names}} if opts.stage != "mlm" else {}),  # the classes, in id order
         "leakage": leak, "warnings": warnings,
         "config": to_dict(cfg),
         "tokenize_seconds": round(seconds, 2),

@@ -30,7 +30,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from dapt.config import ID2LABEL, DataConfig
+from dapt.config import DataConfig
+from dapt.data.labels import LabelResolver, label_spec
 from dapt.data.text import clean_text
 from dapt.errors import DaptError, first_line
 from dapt.io import atomic_write_text
@@ -38,14 +39,12 @@ from dapt.version import __version__
 
 TABLE_FORMATS = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "json"}
 ARCHIVES = (".tar.gz", ".tgz")
-# Label names understood without configuration (case-insensitive); `label_map` adds more.
-LABEL_NAMES = {"negative": 0, "neg": 0, "positive": 1, "pos": 1}
 # Split names of the hub's stanfordnlp/imdb -> folders of the original aclImdb tree.
 ACLIMDB_SPLITS = {"train": "train", "test": "test", "unsupervised": "unsup", "unsup": "unsup"}
 _ACLIMDB_MEMBER = re.compile(r"(?:^|/)(train|test)/(pos|neg|unsup)/([^/]+)\.txt$")
 NEWLINE = b"\n"
 CHUNK_ROWS = 10_000  # rows per chunk when streaming parquet files and hub splits
-_TABLE_VERSION = 2  # bump when the cached table's layout or the validation rules change
+_TABLE_VERSION = 3  # bump when the cached table's layout or the validation rules change
 
 
 @dataclass
@@ -88,6 +87,8 @@ class SourceReport:
     replaced_bytes: int = 0  # undecodable byte sequences replaced with U+FFFD
     texts_with_replacements: int = 0
     first_replacement: str = ""
+    label_names: list[str] = field(default_factory=list)  # the classes in id order (dapt/data/labels.py)
+    label_counts: list[int] = field(default_factory=list)  # rows per class, as read
 
     def notes(self) -> list[str]:
         out = []
@@ -337,29 +338,6 @@ def read_hub(cfg: DataConfig, needed: Sequence[str]) -> tuple[Part, str]:
 
 # --- validation ----------------------------------------------------------------------------------
 
-def label_names(cfg: DataConfig) -> dict[str, int]:
-    names = dict(LABEL_NAMES)
-    for entry in cfg.label_map:
-        name, _, value = entry.partition("=")
-        names[name.strip().lower()] = int(value)
-    return names
-
-
-def _label_value(value: Any, names: dict[str, int]) -> int | None:
-    """The label id of a value (int, integral float, name or digit string), or None if invalid."""
-    if isinstance(value, bool) or value is None:
-        return None
-    if isinstance(value, (int, float)):
-        return int(value) if float(value).is_integer() and int(value) in ID2LABEL else None
-    if isinstance(value, str):
-        key = value.strip().lower()
-        if key in names:
-            return names[key]
-        if key.lstrip("-").isdigit() and int(key) in ID2LABEL:
-            return int(key)
-    return None
-
-
 class _Rows:
     """Row positions across all parts, for messages."""
 
@@ -388,12 +366,11 @@ class _Checks:
     empty: int = 0
     first_empty: str = ""
     label_kinds: dict = field(default_factory=dict)  # kind -> (row, where, value) of its first value
-    bad_labels: int = 0
-    first_bad_label: tuple[str, Any] | None = None
+    labels: LabelResolver | None = None  # ids and classes (dapt/data/labels.py)
 
     def failed(self, empty_texts: str) -> bool:
         return bool(self.non_text or (self.empty and empty_texts != "drop") or len(self.label_kinds) > 1
-                    or self.bad_labels)
+                    or (self.labels and self.labels.bad.rows))
 
     def raise_errors(self, cfg: DataConfig, label_col: str | None, report: SourceReport) -> None:
         text_col = cfg.text_column
@@ -411,11 +388,9 @@ class _Checks:
             (_, wa, a), (_, wb, b) = sorted(self.label_kinds.values(), key=lambda r: r[0])
             raise DaptError(f"{report.source}: column '{label_col}' mixes types: {_label_kind(a)} at {wa} "
                             f"({a!r}) and {_label_kind(b)} at {wb} ({b!r})")
-        if self.bad_labels:
-            accepted = ", ".join(sorted(label_names(cfg)))
-            where, value = self.first_bad_label
-            raise DaptError(f"{report.source}: {self.bad_labels} label(s) outside {{0, 1}} in column '{label_col}' "
-                            f"(first at {where}: {value!r}; names accepted: {accepted})")
+        problem = self.labels.finish() if self.labels else None
+        if problem:
+            raise DaptError(f"{report.source}: {problem.replace('{col}', str(label_col))}")
         if not self.kept:
             raise DaptError(f"{report.source}: every text is empty")
 
@@ -488,6 +463,28 @@ class _TableWriter:
             self.path.unlink()
 
 
+def _remap_labels(path: Path, remap: dict[int, int]) -> None:
+    """Rewrite the table's label column through `remap`, one record batch at a time."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    from datasets.arrow_writer import ArrowWriter
+
+    old = path.with_name(path.name + ".provisional")
+    path.replace(old)
+    keys, values = pa.array(list(remap), pa.int64()), pa.array(list(remap.values()), pa.int64())
+    writer = ArrowWriter(path=str(path))
+    with pa.memory_map(str(old)) as source:
+        for batch in pa.ipc.open_stream(source):
+            i = batch.schema.get_field_index("label")
+            column = batch.column(i)
+            mapped = pc.take(values, pc.index_in(column, value_set=keys))
+            batch = batch.set_column(i, "label", pc.if_else(pc.less(column, 0), mapped, column))
+            writer.write_table(pa.Table.from_batches([batch]))
+    writer.finalize()
+    writer.close()
+    old.unlink()
+
+
 def write_validated(parts: list[Part], cfg: DataConfig, label_col: str | None, report: SourceReport,
                     path: Path) -> None:
     """Check every row of every part and write the valid rows (empty texts dropped if allowed) to the
@@ -499,8 +496,7 @@ def write_validated(parts: list[Part], cfg: DataConfig, label_col: str | None, r
             if not p.has(col):
                 raise DaptError(f"{p.origin}: missing column '{col}' (columns: {', '.join(p.names)})")
     with_ids = bool(cfg.id_column) and any(p.has(cfg.id_column) for p in parts)
-    names = label_names(cfg) if label_col else {}
-    rows, checks = _Rows(parts), _Checks()
+    rows, checks = _Rows(parts), _Checks(labels=LabelResolver(label_spec(cfg)) if label_col else None)
     path.parent.mkdir(parents=True, exist_ok=True)
     writer = _TableWriter(path.with_name(f"{path.name}.{os.getpid()}.tmp"), label_col is not None, with_ids)
     try:
@@ -527,12 +523,7 @@ def write_validated(parts: list[Part], cfg: DataConfig, label_col: str | None, r
                         k = _label_kind(y)
                         if k and k not in checks.label_kinds:
                             checks.label_kinds[k] = (base + j, rows.where(base + j, part, local + j), y)
-                        value = _label_value(y, names)
-                        if value is None:
-                            checks.bad_labels += 1
-                            checks.first_bad_label = checks.first_bad_label or (
-                                rows.where(base + j, part, local + j), y)
-                        labels.append(value)
+                        labels.append(checks.labels.value(y, base + j, rows.where(base + j, part, local + j)))
                 checks.rows += len(texts)
                 local += len(texts)
                 if checks.failed(cfg.empty_texts) or not keep:
@@ -549,6 +540,10 @@ def write_validated(parts: list[Part], cfg: DataConfig, label_col: str | None, r
         report.dropped_empty = checks.empty
         report.rows = checks.kept
         writer.finish()
+        if checks.labels:
+            if checks.labels.remap:  # classes named by the data: provisional ids -> sorted names' ids
+                _remap_labels(writer.path, checks.labels.remap)
+            report.label_names, report.label_counts = checks.labels.names, checks.labels.counts()
         writer.path.replace(path)
     except BaseException:
         writer.discard()
@@ -564,7 +559,8 @@ def _describe(paths: Sequence[str]) -> str:
 def source_key(cfg: DataConfig, label_col: str | None) -> tuple[str, list[tuple[str, Path]]]:
     """A key for the inputs (paths, sizes, modification times) and the settings that shape the table."""
     settings = {k: v for k, v in asdict(cfg).items()
-                if k in ("text_column", "dataset_split", "label_map", "empty_texts", "encoding_errors", "id_column")}
+                if k in ("text_column", "dataset_split", "label_map", "empty_texts", "encoding_errors", "id_column",
+                         "num_labels", "label_names")}
     key: dict[str, Any] = {"version": [__version__, _TABLE_VERSION], "label_column": label_col, **settings}
     inputs: list[tuple[str, Path]] = []
     if cfg.data_files:

@@ -17,6 +17,7 @@ import torch
 
 from dapt.config import EvalConfig
 from dapt.data.classify import eval_split
+from dapt.data.labels import id2label
 from dapt.distributed import DistInfo, barrier, setup_distributed, shutdown
 from dapt.errors import DaptError
 from dapt.eval.metrics import add_intervals, ci_text, format_table
@@ -81,7 +82,7 @@ def run_evaluation(cfg: EvalConfig) -> list[dict[str, Any]]:
 
     info = setup_distributed()
     tokenizer = load_tokenizer(model_dir)
-    model = load_classifier(model_dir).to(info.device).eval()
+    model = load_classifier(model_dir, id2label=id2label(cfg.label_names)).to(info.device).eval()
     if cfg.cls_only_last_layer:
         cls_only_last_layer(model)
 
@@ -112,9 +113,10 @@ def evaluate_set(s: EvalSet, forward: Callable, tokenizer: Any, info: DistInfo, 
     start = time.perf_counter()
     if cfg.save_predictions:
         results, predictions = score_with_predictions(forward, data, info, cfg.eval_batch_size,
-                                                      tokenizer.pad_token_id, info.device)
+                                                      tokenizer.pad_token_id, info.device, id2label(cfg.label_names))
     else:
-        results = score_classifier(forward, data, info, cfg.eval_batch_size, tokenizer.pad_token_id, info.device)
+        results = score_classifier(forward, data, info, cfg.eval_batch_size, tokenizer.pad_token_id, info.device,
+                                   id2label(cfg.label_names))
         predictions = None
     seconds = time.perf_counter() - start
     if results["n_examples"] != len(data):  # cannot happen unless sharding is broken: never report it

@@ -8,7 +8,7 @@ dropped. Counts are summed over ranks and the metrics are computed once from the
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.distributed as dist
@@ -25,38 +25,43 @@ Forward = Callable[[dict[str, torch.Tensor]], torch.Tensor]
 
 @torch.no_grad()
 def _score(forward: Forward, ds: Any, info: DistInfo, batch_size: int, pad_id: int, device: torch.device,
-           keep: bool) -> tuple[torch.Tensor, list[tuple[int, list[float]]]]:
-    """This rank's confusion counts, and (keep=True) its (index, class probabilities) pairs."""
+           keep: bool, k: int) -> tuple[torch.Tensor, list[tuple[int, list[float]]]]:
+    """This rank's confusion counts (k x k: the all-reduce payload), and (keep=True) its (index, class
+    probabilities) pairs."""
     if len(ds) == 0:
         raise DaptError("evaluation data is empty")
     collate = PadCollator(pad_id)
-    counts = torch.zeros(len(ID2LABEL), len(ID2LABEL), dtype=torch.long)
+    counts = torch.zeros(k, k, dtype=torch.long)
     mine: list[tuple[int, list[float]]] = []
     for indices, real in sharded_batches(len(ds), info, batch_size, ds["length"]):
         batch = collate(ds[indices])
         labels = batch.pop("labels")
         logits = forward(to_device(batch, device)).float()
+        if logits.shape[-1] != k:
+            raise DaptError(f"the model has {logits.shape[-1]} outputs for {k} classes")
         if real:
-            counts += confusion_counts(labels, logits.argmax(-1).cpu(), len(ID2LABEL))
+            counts += confusion_counts(labels, logits.argmax(-1).cpu(), k)
             if keep:
                 mine.extend(zip(indices, torch.softmax(logits, dim=-1).cpu().tolist()))
     return counts, mine
 
 
 def score_classifier(forward: Forward, ds: Any, info: DistInfo, batch_size: int, pad_id: int,
-                     device: torch.device) -> dict[str, Any]:
-    """Accuracy, macro-F1, per-class scores and the confusion matrix over all of `ds`, exactly."""
-    counts, _ = _score(forward, ds, info, batch_size, pad_id, device, keep=False)
-    return metrics_from_confusion(all_reduce_sum(counts, info), ID2LABEL)
+                     device: torch.device, id2label: Mapping[int, str] = ID2LABEL) -> dict[str, Any]:
+    """Accuracy, macro-F1, per-class scores and the confusion matrix over all of `ds`, exactly, for the
+    classes `id2label` (ids 0..K-1)."""
+    counts, _ = _score(forward, ds, info, batch_size, pad_id, device, keep=False, k=len(id2label))
+    return metrics_from_confusion(all_reduce_sum(counts, info), id2label)
 
 
 def score_with_predictions(forward: Forward, ds: Any, info: DistInfo, batch_size: int, pad_id: int,
-                           device: torch.device) -> tuple[dict[str, Any], list[dict[str, Any]] | None]:
+                           device: torch.device, id2label: Mapping[int, str] = ID2LABEL
+                           ) -> tuple[dict[str, Any], list[dict[str, Any]] | None]:
     """As score_classifier, plus (on rank 0; None elsewhere) every example's prediction, once each, in
     input order: its row in the input, its id (if the input has an id column), label, predicted label and
     the probability of each class."""
-    counts, mine = _score(forward, ds, info, batch_size, pad_id, device, keep=True)
-    results = metrics_from_confusion(all_reduce_sum(counts, info), ID2LABEL)
+    counts, mine = _score(forward, ds, info, batch_size, pad_id, device, keep=True, k=len(id2label))
+    results = metrics_from_confusion(all_reduce_sum(counts, info), id2label)
     parts: list[Any] = [mine]
     if info.world_size > 1:
         parts = [None] * info.world_size
@@ -69,11 +74,11 @@ def score_with_predictions(forward: Forward, ds: Any, info: DistInfo, batch_size
     columns = set(ds.column_names)
     rows = ds["row"] if "row" in columns else list(range(len(ds)))
     ids = ds["id"] if "id" in columns else None
-    names = [ID2LABEL[k] for k in range(len(ID2LABEL))]
+    names = [id2label[k] for k in range(len(id2label))]
     out = []
     for i, (row, label) in enumerate(zip(rows, ds["label"])):
         p = probs[i]
-        out.append({"row": row, **({"id": ids[i]} if ids is not None else {}), "label": ID2LABEL[label],
+        out.append({"row": row, **({"id": ids[i]} if ids is not None else {}), "label": names[label],
                     "predicted": names[max(range(len(p)), key=p.__getitem__)],
                     "probabilities": dict(zip(names, p))})
     return results, out

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
-from dapt.config import ID2LABEL
+from dapt.data.labels import class_names
 from dapt.errors import DaptError, first_line
 from dapt.model.attention import hf_attn_implementation
 
@@ -74,11 +74,16 @@ def load_mlm_model(name: str, attn_implementation: str = "sdpa") -> Any:
                  attn_implementation=hf_attn_implementation(attn_implementation))
 
 
-def load_classifier(name: str, attn_implementation: str = "sdpa") -> Any:
+def load_classifier(name: str, attn_implementation: str = "sdpa", id2label: Mapping[int, str] | None = None) -> Any:
+    """A sequence classifier with the classes `id2label` (a new head where the model has none, or one of
+    another size), so that an exported model and `transformers.pipeline` show the names; None: the
+    model's own classes (evaluation), with Hugging Face's LABEL_0/LABEL_1 read as negative/positive."""
     from transformers import AutoModelForSequenceClassification
 
+    labels = dict(id2label) if id2label is not None else dict(enumerate(class_names(load_config(name).id2label)))
     return _load("model", name, AutoModelForSequenceClassification.from_pretrained,
-                 num_labels=len(ID2LABEL), id2label=dict(ID2LABEL), label2id={v: k for k, v in ID2LABEL.items()},
+                 num_labels=len(labels), id2label=labels, label2id={v: k for k, v in labels.items()},
+                 ignore_mismatched_sizes=id2label is not None,
                  attn_implementation=hf_attn_implementation(attn_implementation))
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from dapt.config import EvalConfig, validate
+from dapt.data.labels import class_names
 from dapt.errors import DaptError
 from dapt.io import read_json
 
@@ -56,7 +57,8 @@ def check_length(max_seq_length: int, limit: int | None) -> None:
 
 
 def resolve_eval_settings(cfg: EvalConfig, model_dir: str | Path) -> None:
-    """Fill the evaluation config's unset length and truncation as the model was trained, then check them."""
+    """Fill the evaluation config's unset length, truncation and classes as the model was trained, then
+    check them: the test labels must be the model's classes (names or ids)."""
     trained = as_trained(model_dir)
     cfg.max_seq_length = cfg.max_seq_length or trained.max_seq_length
     cfg.truncation = cfg.truncation or trained.truncation
@@ -64,4 +66,11 @@ def resolve_eval_settings(cfg: EvalConfig, model_dir: str | Path) -> None:
         fits = trained.head_tokens < cfg.max_seq_length - 3
         cfg.head_tokens = trained.head_tokens if fits else default_head_tokens(cfg.max_seq_length)
     check_length(cfg.max_seq_length, position_limit(model_dir))
+    trained_names = class_names(_config(model_dir).get("id2label"))
+    if (cfg.label_names and list(cfg.label_names) != trained_names) or (
+            cfg.num_labels and cfg.num_labels != len(trained_names)):
+        given = " ".join(cfg.label_names) if cfg.label_names else f"{cfg.num_labels} classes"
+        raise DaptError(f"the model was trained on the classes {', '.join(trained_names)}; this evaluation asks "
+                        f"for {given} (leave num_labels / label_names unset to use the model's)")
+    cfg.num_labels, cfg.label_names = len(trained_names), trained_names
     validate(cfg)

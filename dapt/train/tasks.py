@@ -14,6 +14,7 @@ import torch
 from dapt.config import FinetuneConfig, MLMConfig, TrainConfig
 from dapt.data.batching import IndexedRows, sharded_batches, to_device
 from dapt.data.classify import PadCollator, classification_splits
+from dapt.data.labels import id2label
 from dapt.data.mlm import MLMCollator, mlm_splits, word_continuations
 from dapt.distributed import DistInfo, all_reduce_sum
 from dapt.eval.scoring import score_classifier
@@ -136,7 +137,7 @@ class ClassificationTask:
         if self.val_data is None:
             return {}
         res = score_classifier(lambda b: engine(**b).logits, self.val_data, info, self.cfg.eval_batch_size,
-                               self.tokenizer.pad_token_id, info.device)
+                               self.tokenizer.pad_token_id, info.device, id2label(self.cfg.label_names))
         return {"accuracy": res["accuracy"], "f1_macro": res["f1_macro"], "n_examples": res["n_examples"]}
 
     def probe(self) -> Batch:
@@ -167,11 +168,14 @@ def load_mlm_for_training(cfg: MLMConfig, path: str) -> torch.nn.Module:
 
 
 def build_classification_task(cfg: FinetuneConfig, info: DistInfo, tokenizer: Any) -> ClassificationTask:
-    return ClassificationTask(cfg, tokenizer, *classification_splits(cfg, info, tokenizer))
+    train, val, names = classification_splits(cfg, info, tokenizer)
+    # The classes as resolved from the data: the model's head, run_config.json and the export all read them here.
+    cfg.num_labels, cfg.label_names = len(names), list(names)
+    return ClassificationTask(cfg, tokenizer, train, val)
 
 
 def load_classifier_for_training(cfg: FinetuneConfig, path: str) -> torch.nn.Module:
-    model = load_classifier(path, cfg.attn_implementation)
+    model = load_classifier(path, cfg.attn_implementation, id2label(cfg.label_names))
     return cls_only_last_layer(model) if cfg.cls_only_last_layer else model
 
 
