@@ -16,6 +16,7 @@ from typing import Any, Iterator, Mapping
 
 import yaml
 
+from dapt.data.labels import is_default_binary
 from dapt.io import atomic_write_text, dump_json, read_jsonl
 from dapt.model.loading import PACKAGED_MODELS
 from dapt.version import __version__
@@ -214,11 +215,24 @@ def _eval_data_name(results: Mapping[str, Any]) -> str:
     return str(data)
 
 
-def _index_entry(r: Mapping[str, Any]) -> dict[str, Any]:
+def _classes(data: Mapping[str, Any]) -> list[str]:
+    """The classifier's class names in id order (config.json's id2label, as collected)."""
+    labels = (data.get("model") or {}).get("labels") or {}
+    return [v for _, v in sorted((int(k), v) for k, v in labels.items())]
+
+
+def _sentiment(data: Mapping[str, Any]) -> bool:
+    """The binary negative/positive classifier (IMDB): its card keeps the sentiment wording."""
+    names = _classes(data)
+    return not names or is_default_binary(names)
+
+
+def _index_entry(r: Mapping[str, Any], sentiment: bool = True) -> dict[str, Any]:
     """One model-index result: keyed by the data set's name and split."""
     ds_name = str(r.get("data", ""))
     hub = ds_name.split(":")[0] if ":" in ds_name and not isinstance(r.get("data"), list) else ""
-    return {"task": {"type": "text-classification", "name": "Sentiment classification"},
+    return {"task": {"type": "text-classification",
+                     "name": "Sentiment classification" if sentiment else "Text classification"},
             "dataset": {"name": r.get("set") or _eval_data_name(r), "type": HUB_DATASET_TYPES.get(hub, hub or "local"),
                         **({"split": r["split"]} if r.get("split") else {})},
             "metrics": [{"type": "accuracy", "value": r["accuracy"],
@@ -232,7 +246,7 @@ def _front_matter(data: Mapping[str, Any], results: list[dict[str, Any]], name: 
     meta: dict[str, Any] = {"language": ["en"], "library_name": "transformers",
                             "pipeline_tag": "text-classification" if classifier else "fill-mask",
                             "tags": ["dapt", "deepspeed", "bert", "domain-adaptive-pretraining"]
-                            + (["sentiment-analysis"] if classifier else [])}
+                            + (["sentiment-analysis"] if classifier and _sentiment(data) else [])}
     d = data.get("data", {})
     if d.get("kind") == "hub" and d.get("name"):
         meta["datasets"] = [d["name"]]
@@ -242,7 +256,7 @@ def _front_matter(data: Mapping[str, Any], results: list[dict[str, Any]], name: 
             and not Path(base).exists()):  # a hub id
         meta["base_model"] = base
     if results and classifier:
-        meta["model-index"] = [{"name": name, "results": [_index_entry(r) for r in results]}]
+        meta["model-index"] = [{"name": name, "results": [_index_entry(r, _sentiment(data)) for r in results]}]
     return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n"
 
 
@@ -252,7 +266,13 @@ def render(data: Mapping[str, Any], results: list[dict[str, Any]], name: str) ->
     max_len = s.get("max_seq_length") or rec.get("max_seq_length")
     lin = data.get("lineage")
     out = [_front_matter(data, results, name), f"# {data.get('title') or name}", ""]
-    if classifier:
+    classes, sentiment = _classes(data), _sentiment(data)
+    if classifier and not sentiment:
+        out.append(f"A BERT-family text classifier with {len(classes)} classes ("
+                   + ", ".join(f"`{v}`" for v in classes) + "), fine-tuned with dapt on DeepSpeed"
+                   + (" after domain-adaptive masked-language-model pretraining." if lin and lin.get("arch") == "mlm"
+                      else "."))
+    elif classifier:
         out.append("A BERT-family sentiment classifier for English movie reviews (labels "
                    + ", ".join(f"`{v}`" for v in m.get("labels", {}).values()) + "), fine-tuned with dapt on "
                    "DeepSpeed" + (" after domain-adaptive masked-language-model pretraining on review text."
@@ -269,14 +289,19 @@ def render(data: Mapping[str, Any], results: list[dict[str, Any]], name: str) ->
         out.append(f"  (itself a dapt {lin.get('arch')} model: {lin.get('steps')} steps from `{lin.get('base_model')}` "
                    f"on {_data_line(lin.get('data') or {})})")
     out += [f"* Exported from checkpoint `{data.get('checkpoint')}` on {data.get('exported')} by dapt "
-            f"{data.get('dapt_version')}.", "", "## Training data", "", f"* {_data_line(data.get('data', {}))}"]
+            f"{data.get('dapt_version')}.", ""]
+    if classifier and not sentiment:  # the binary card predates this section and stays as it was
+        out += ["## Classes", "", "| id | name |", "|---:|---|", *(f"| {i} | {v} |" for i, v in enumerate(classes)),
+                "", "Predictions, `transformers.pipeline` and `dapt predict` show these names (config.json: "
+                "`id2label` / `label2id`).", ""]
+    out += ["## Training data", "", f"* {_data_line(data.get('data', {}))}"]
     if rec.get("max_samples"):
         out.append(f"* a seeded random subset of {rec['max_samples']} examples")
     if rec.get("validation_split"):
         out.append(f"* {rec['validation_split']:.0%} held out for validation (seed {rec.get('seed')})")
     out += ["", "## Training procedure", "", "| setting | value |", "|---|---|"]
     rows = [("objective", "masked-language-model (BERT 80/10/10 masking, p = "
-             f"{_fmt(rec.get('mlm_probability'))})" if not classifier else "cross-entropy, 2 labels"),
+             f"{_fmt(rec.get('mlm_probability'))})" if not classifier else f"cross-entropy, {len(classes) or 2} labels"),
             ("optimizer", f"AdamW (betas {_fmt(rec.get('adam_beta1'))}, {_fmt(rec.get('adam_beta2'))}; "
              f"eps {_fmt(rec.get('adam_epsilon'))}; weight decay {_fmt(rec.get('weight_decay'))}, none on biases/LayerNorm)"),
             ("learning rate", f"{_fmt(rec.get('learning_rate'))}, linear warmup ({_fmt(eng.get('warmup_steps'))} steps) "
@@ -314,15 +339,24 @@ def render(data: Mapping[str, Any], results: list[dict[str, Any]], name: str) ->
     out += ["", "## How to use", "", "```python", "from transformers import pipeline", ""]
     if classifier:
         out += ['clf = pipeline("text-classification", model="path/to/this/folder")',
-                'clf("A wonderful film with a superb cast.", truncation=True)', "```", "",
-                f"or `dapt predict --model path/to/this/folder \"some review\"`, which truncates long reviews exactly as in "
+                'clf("A wonderful film with a superb cast.", truncation=True)' if sentiment else
+                'clf("Some text to classify.", truncation=True)',
+                *([f"# [{{'label': '{classes[0]}', 'score': 0.93}}]: the label is one of "
+                   + ", ".join(classes)] if not sentiment else []), "```", "",
+                f"or `dapt predict --model path/to/this/folder \"some {'review' if sentiment else 'text'}\"`, which "
+                f"truncates long {'reviews' if sentiment else 'texts'} exactly as in "
                 f"training ({s.get('truncation')}, {max_len} tokens); the stock pipeline keeps only the first "
                 f"{max_len} tokens."]
     else:
         out += ['fill = pipeline("fill-mask", model="path/to/this/folder")', 'fill("This movie was [MASK].")', "```", "",
                 "or fine-tune it: `dapt finetune --model_name_or_path <this folder>`."]
     out += ["", "## Intended use", ""]
-    if classifier:
+    if classifier and not sentiment:
+        out += [f"* Assigning English text to one of the {len(classes)} classes above, text like the data it was "
+                "trained on; research, teaching and as a baseline.",
+                "* Not for decisions about people, content moderation or any high-stakes use without an "
+                "evaluation on the target data."]
+    elif classifier:
         out += ["* Binary sentiment (negative / positive) of English movie and TV reviews, like those it was "
                 "trained on; research, teaching and as a baseline.",
                 "* Not for decisions about people, content moderation or any high-stakes use without an "
@@ -330,16 +364,23 @@ def render(data: Mapping[str, Any], results: list[dict[str, Any]], name: str) ->
     else:
         out += ["* A starting point for fine-tuning on English review-domain tasks (sentiment, topic), or "
                 "for masked-token prediction in that domain."]
+    if classifier and not sentiment:
+        scope = [f"* These {len(classes)} classes only: text that belongs to none (or several) is forced into "
+                 "one, and the score is a softmax probability, not a calibrated confidence."]
+    else:
+        scope = ["* Two labels only: mixed or neutral reviews are forced into one of them, and the score is a "
+                 "softmax probability, not a calibrated confidence."]
     out += ["", "## Limitations", "",
-            "* English only; trained on movie reviews. Other domains (product reviews, tweets, news), other "
-            "languages, or text unlike the training data (domain shift) can lower accuracy substantially, "
+            ("* English only; trained on movie reviews. Other domains (product reviews, tweets, news), other "
+             if sentiment else "* English only. Other domains, other ")
+            + "languages, or text unlike the training data (domain shift) can lower accuracy substantially, "
             "and the scores above do not carry over to them.",
             f"* Inputs longer than {max_len} tokens are truncated"
-            + (f" ({s.get('truncation')}: the middle of a long review is not read)" if classifier else "")
-            + "; sentiment that is only in the dropped part is missed.",
-            *(["* Two labels only: mixed or neutral reviews are forced into one of them, and the score is a "
-               "softmax probability, not a calibrated confidence.",
-               "* Sarcasm, negation across long spans and rare words are known failure modes of models of this "
-               "kind."] if classifier else []),
-            "* It inherits the biases of its base model's pretraining text and of the reviews it was trained on.", ""]
+            + (f" ({s.get('truncation')}: the middle of a long {'review' if sentiment else 'text'} is not read)"
+               if classifier else "")
+            + f"; {'sentiment' if sentiment else 'evidence'} that is only in the dropped part is missed.",
+            *(scope + ["* Sarcasm, negation across long spans and rare words are known failure modes of models of "
+                       "this kind."] if classifier else []),
+            "* It inherits the biases of its base model's pretraining text and of the "
+            + ("reviews" if sentiment else "texts") + " it was trained on.", ""]
     return "\n".join(out)
