@@ -11,6 +11,7 @@ from scipy import stats
 from dapt.eval.stats import (
     accuracy_difference_interval,
     bootstrap_macro_f1_interval,
+    bounded_mean_interval,
     macro_f1_from_confusion,
     mcnemar_exact,
     mean_interval,
@@ -243,6 +244,82 @@ def test_mean_interval_single_run_and_constant_runs():
     assert mean_interval([0.9]) == {"n": 1, "mean": 0.9, "std": None, "ci_low": None, "ci_high": None}
     r = mean_interval([0.5, 0.5, 0.5])
     assert r["std"] == 0.0 and r["ci_low"] == r["ci_high"] == 0.5
+
+
+# bounded_mean_interval: the logit-t interval of a [0, 1] metric over seeds
+
+
+def _expit(x):
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def test_bounded_mean_interval_n2_issue_example_stays_inside_0_1():
+    """The issue's sweep: two seeds, 0.9867 +- 0.0141, plain t [0.8596, 1.1137]. Logit t: inside [0, 1],
+    around the mean, longer below (away from the bound) than above."""
+    values = [0.9967, 0.9767]
+    plain = mean_interval(values)
+    assert plain["ci_high"] == pytest.approx(1.1137, abs=1e-4)  # what the issue saw
+    r = bounded_mean_interval(values)
+    assert (r["n"], r["method"]) == (2, "logit t")
+    assert r["mean"] == plain["mean"] and r["std"] == plain["std"]
+    assert 0.0 <= r["ci_low"] < r["mean"] < r["ci_high"] <= 1.0
+    # by hand: logit(0.9867) +- t(0.975, 1) * s / (sqrt(2) * m (1 - m)), mapped back
+    m, s = 0.9867, 0.0141421356
+    half = 12.706204736 * s / (math.sqrt(2) * m * (1 - m))
+    centre = math.log(m / (1 - m))
+    assert (r["ci_low"], r["ci_high"]) == pytest.approx((_expit(centre - half), _expit(centre + half)), rel=1e-6)
+    assert r["mean"] - r["ci_low"] > r["ci_high"] - r["mean"]
+
+
+def test_bounded_mean_interval_n3_by_hand():
+    r = bounded_mean_interval([0.97, 0.98, 0.99])
+    half = 4.302653 * 0.01 / (math.sqrt(3) * 0.98 * 0.02)
+    centre = math.log(0.98 / 0.02)
+    assert (r["ci_low"], r["ci_high"]) == pytest.approx((_expit(centre - half), _expit(centre + half)), abs=1e-6)
+    assert 0.0 < r["ci_low"] < 0.98 < r["ci_high"] < 1.0  # plain t: [0.9552, 1.0048]
+    assert mean_interval([0.97, 0.98, 0.99])["ci_high"] > 1.0
+    # symmetric data around 0.5: the same interval as the plain t's to first order, and symmetric
+    r = bounded_mean_interval([0.4, 0.5, 0.6])
+    assert r["mean"] - r["ci_low"] == pytest.approx(r["ci_high"] - r["mean"], abs=1e-12)
+
+
+def test_bounded_mean_interval_n10_is_nearly_the_t_interval():
+    """Ten seeds far from the bounds: the logit-t bounds equal the plain t bounds up to the second-order
+    term of expit's Taylor expansion, |1 - 2m| half^2 / (2 m (1 - m)) (half = the plain t half-width);
+    the test allows 1.5x that (the O(half^3) rest is far smaller), here ~6e-4 against a half-width of 0.014."""
+    values = [0.84, 0.86, 0.85, 0.87, 0.83, 0.88, 0.85, 0.86, 0.84, 0.87]
+    plain, r = mean_interval(values), bounded_mean_interval(values)
+    low, high = stats.t.interval(0.95, 9, loc=np.mean(values), scale=stats.sem(values))
+    assert (plain["ci_low"], plain["ci_high"]) == pytest.approx((low, high), rel=1e-12)
+    m, half = plain["mean"], (high - low) / 2
+    second_order = abs(1 - 2 * m) * half**2 / (2 * m * (1 - m))
+    assert 0.0 < second_order < 0.05 * half  # a relative difference of under 5%
+    for got, want in ((r["ci_low"], low), (r["ci_high"], high)):
+        assert abs(got - want) <= 1.5 * second_order
+    # ... and both sides move the same way (towards the far bound, 0), by about that term
+    assert r["ci_low"] < low and r["ci_high"] < high
+    assert high - r["ci_high"] == pytest.approx(second_order, rel=0.2)
+
+
+@pytest.mark.parametrize("values", [[0.0, 1.0], [1.0, 0.999], [0.0, 0.001, 0.002], [0.5] * 10 + [1.0],
+                                    [0.01] * 500 + [0.5] * 500, [1e-12, 2e-12]])
+def test_bounded_mean_interval_contains_the_mean_inside_0_1(values):
+    r = bounded_mean_interval(values)
+    assert 0.0 <= r["ci_low"] <= r["mean"] <= r["ci_high"] <= 1.0
+
+
+def test_bounded_mean_interval_single_run_constant_runs_and_bad_values():
+    assert bounded_mean_interval([0.9]) == {"n": 1, "mean": 0.9, "std": None, "ci_low": None, "ci_high": None,
+                                            "method": "logit t"}
+    for value in (0.0, 0.7, 1.0):  # no spread: the point, as the plain t interval
+        r = bounded_mean_interval([value] * 3)
+        assert r["std"] == pytest.approx(0.0, abs=1e-15)  # 0.7 * 3 / 3 is not exactly 0.7
+        assert (r["ci_low"], r["ci_high"]) == pytest.approx((value, value), abs=1e-12)
+    for bad in ([0.5, 1.01], [-0.1, 0.5]):
+        with pytest.raises(ValueError, match=r"must lie in \[0, 1\]"):
+            bounded_mean_interval(bad)
+    with pytest.raises(ValueError, match="confidence"):
+        bounded_mean_interval([0.5, 0.6], confidence=0.0)
 
 
 def test_paired_difference_by_hand():

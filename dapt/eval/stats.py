@@ -6,6 +6,7 @@ pretraining helps needs its error bars. This module gives:
     wilson_interval               accuracy (a binomial proportion) -> Wilson score interval
     bootstrap_macro_f1_interval   macro-F1 from a confusion matrix -> multinomial bootstrap interval
     mean_interval                 a metric over seeds -> mean, sample std, Student-t interval
+    bounded_mean_interval         a [0, 1] metric over seeds -> mean, std, logit-t interval inside [0, 1]
     paired_difference             two arms over the same seeds -> mean difference, t interval
     mcnemar_exact                 two classifiers on the same examples -> exact McNemar p-value
     accuracy_difference_interval  two classifiers on the same examples -> paired accuracy difference
@@ -28,6 +29,7 @@ from scipy import special
 __all__ = [
     "accuracy_difference_interval",
     "bootstrap_macro_f1_interval",
+    "bounded_mean_interval",
     "macro_f1_from_confusion",
     "mcnemar_exact",
     "mean_interval",
@@ -38,6 +40,7 @@ __all__ = [
 ]
 
 MIN_BOOTSTRAP_DRAWS = 2000
+BOUNDED_METHOD = "logit t"  # bounded_mean_interval's method, as summaries name it
 _LOG_FLOAT_MAX = math.log(sys.float_info.max)
 
 
@@ -259,6 +262,52 @@ def mean_interval(values: Sequence[float], confidence: float = 0.95) -> dict:
     std = float(arr.std(ddof=1))
     half = t_quantile(0.5 + confidence / 2.0, n - 1) * std / math.sqrt(n)
     return {"n": n, "mean": mean, "std": std, "ci_low": mean - half, "ci_high": mean + half}
+
+
+def bounded_mean_interval(values: Sequence[float], confidence: float = 0.95) -> dict:
+    """Mean, sample std and a Student-t interval of the mean of a [0, 1] metric (accuracy, F1) over
+    runs, built on the logit scale so that it stays inside [0, 1].
+
+    The plain t interval mean +- t(n-1) s / sqrt(n) ignores the bound: two seeds at 0.9967 and
+    0.9767 give [0.8596, 1.1137]. Here the same t quantile and the same s are used on the logit
+    scale, with the delta-method standard error of logit(mean), and mapped back:
+
+        L = logit(mean),  h = t(n-1) * s / (sqrt(n) * mean * (1 - mean)),  [expit(L - h), expit(L + h)]
+
+    It always contains the mean (it is centred on logit(mean)), lies inside (0, 1) and is longer on
+    the side away from the bound. Its bounds differ from the plain t interval's by
+    |1 - 2 mean| half^2 / (2 mean (1 - mean)) + O(half^3) (half = the plain t half-width): for many
+    seeds far from 0 and 1 it is the usual t interval. Why not a bootstrap: with a handful of seeds a
+    percentile bootstrap cannot reach past the smallest and largest seed (at n = 2 it is [min, max],
+    about 50% coverage); the t quantile is what keeps few-seed intervals honest. Why logit(mean) and
+    not the mean of the per-seed logits: the latter is centred on a different average and need not
+    contain the mean; and a per-seed value of exactly 0 or 1 would need a continuity adjustment.
+    Here none is needed: when the values differ the mean lies strictly inside (0, 1); when they are
+    all equal (s = 0, e.g. every seed at 1.0) the interval is the point [mean, mean], as the plain t
+    interval's.
+
+    Returns {"n", "mean", "std", "ci_low", "ci_high", "method"}; with n = 1 "std", "ci_low" and
+    "ci_high" are None (no spread to estimate), as mean_interval. Values outside [0, 1] raise
+    ValueError.
+    """
+    arr = _as_values(values, "values")
+    confidence = _check_confidence(confidence)
+    if np.any((arr < 0.0) | (arr > 1.0)):
+        raise ValueError(f"values must lie in [0, 1] (accuracies, F1 scores), got {arr.min():g} .. {arr.max():g}")
+    result = mean_interval(arr, confidence)
+    result["method"] = BOUNDED_METHOD
+    if result["n"] == 1:
+        return result
+    mean, std, n = result["mean"], result["std"], result["n"]
+    if std == 0.0 or not 0.0 < mean < 1.0:  # all runs equal: no spread, the point
+        result["ci_low"] = result["ci_high"] = mean
+        return result
+    half = t_quantile(0.5 + confidence / 2.0, n - 1) * std / (math.sqrt(n) * mean * (1.0 - mean))
+    centre = math.log(mean) - math.log1p(-mean)
+    low, high = float(special.expit(centre - half)), float(special.expit(centre + half))
+    # expit rounds to exactly 0 or 1 far out; min/max keep the mean inside against any last-bit rounding
+    result["ci_low"], result["ci_high"] = min(low, mean), max(high, mean)
+    return result
 
 
 def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> dict:
