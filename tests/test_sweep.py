@@ -15,9 +15,17 @@ from conftest import ROOT, assert_ok
 from dapt.commands import pipeline as pipeline_cmd
 from dapt.commands import summarize as summarize_cmd
 from dapt.layout import SweepLayout, run_name
-from dapt.observe.sweep import summarize
+from dapt.observe.sweep import figure, summarize
 
-T975 = {1: 12.706204736174707, 2: 4.302652729911275}  # Student-t 97.5% quantiles (tables)
+T975 = {1: 12.706204736174707, 2: 4.302652729911275, 9: 2.2621571627409915}  # Student-t 97.5% quantiles (tables)
+
+
+def logit_t(values: list[float]) -> tuple[float, float]:
+    """The summary's interval by hand: logit(mean) +- t * s / (sqrt(n) m (1 - m)), mapped back."""
+    n, m, s = len(values), statistics.mean(values), statistics.stdev(values)
+    half = T975[n - 1] * s / (math.sqrt(n) * m * (1 - m))
+    centre = math.log(m / (1 - m))
+    return 1 / (1 + math.exp(-(centre - half))), 1 / (1 + math.exp(-(centre + half)))
 
 
 def fake_run(run_dir: Path, seed: int, lr: float, accuracy: float, f1: float, **config) -> Path:
@@ -65,12 +73,14 @@ def test_summary_numbers(sweep_dir):
         for key, index in (("accuracy", 0), ("f1_macro", 1)):
             values = [v[index] for (lr_, _), v in sorted(GRID.items()) if lr_ == lr]
             n, mean, std = len(values), statistics.mean(values), statistics.stdev(values)
-            half = T975[n - 1] * std / math.sqrt(n)
             got = s[key]
-            assert got["n"] == n == s["n"]
+            assert got["n"] == n == s["n"] and got["method"] == "logit t"
             assert got["mean"] == pytest.approx(mean, abs=1e-12) and got["std"] == pytest.approx(std, abs=1e-12)
-            assert (got["ci_low"], got["ci_high"]) == pytest.approx((mean - half, mean + half), abs=1e-9)
+            assert (got["ci_low"], got["ci_high"]) == pytest.approx(logit_t(values), abs=1e-9)
+            assert got["note"] == (None if n == 3 else "uninformative: n = 2 (< 3 seeds)")
     assert settings[2e-5]["seeds"] == [1, 2, 3] and settings[3e-5]["seeds"] == [1, 2]
+    assert summary["confidence"] == 0.95 and summary["interval"]["method"] == "logit t"
+    assert (summary["interval"]["min_seeds"], summary["interval"]["max_width"]) == (3, 0.2)
     # the files: the same summary, the tables, the plot
     layout = SweepLayout(sweep_dir)
     on_disk = json.loads(layout.results.read_text())
@@ -78,7 +88,10 @@ def test_summary_numbers(sweep_dir):
     md = layout.markdown.read_text()
     s = settings[2e-5]["accuracy"]
     assert (f"| learning_rate=2e-05 | 3 | 1 2 3 | {s['mean']:.4f} ± {s['std']:.4f} | "
-            f"[{s['ci_low']:.4f}, {s['ci_high']:.4f}] |") in md
+            f"[{s['ci_low']:.4f}, {s['ci_high']:.4f}] (n = 3) |") in md
+    s = settings[3e-5]["accuracy"]
+    assert (f"| learning_rate=3e-05 | 2 | 1 2 | {s['mean']:.4f} ± {s['std']:.4f} | "
+            f"[{s['ci_low']:.4f}, {s['ci_high']:.4f}] (n = 2) **uninformative: n = 2 (< 3 seeds)** |") in md
     assert "| learning_rate=3e-05 | 1 | 200 | 0.9000 [0.8500, 0.9400] | 0.8990 [0.8390, 0.9490] | `runs/lr3e-05-seed1` |" in md
     assert layout.plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -99,19 +112,78 @@ def test_every_differing_key_is_part_of_the_setting(tmp_path):
                                 "learning_rate=2e-05, model_name_or_path=/x/mlm-seed*, warmup=0.2",
                                 "learning_rate=2e-05, model_name_or_path=bert-base-uncased, warmup=0.1"]
     alone = by_label["learning_rate=2e-05, model_name_or_path=bert-base-uncased, warmup=0.1"]["accuracy"]
-    assert alone == {"n": 1, "mean": 0.5, "std": None, "ci_low": None, "ci_high": None}
+    assert alone == {"n": 1, "mean": 0.5, "std": None, "ci_low": None, "ci_high": None, "method": "logit t",
+                     "note": "no interval: n = 1"}
     assert by_label["learning_rate=2e-05, model_name_or_path=/x/mlm-seed*, warmup=0.2"]["accuracy"]["mean"] == \
         pytest.approx(0.75)
     assert (tmp_path / "out" / "sweep_results.json").is_file() and not (root / "sweep_results.json").exists()
-    assert "| 1 | 1 | 0.5000 ± - | - |" in (tmp_path / "out" / "sweep.md").read_text()
+    assert "| 1 | 1 | 0.5000 ± - | no interval (n = 1) |" in (tmp_path / "out" / "sweep.md").read_text()
+
+
+def test_intervals_stay_inside_0_1_at_n_2_3_10(tmp_path):
+    """The issue's sweep (2 seeds, 0.9867 +- 0.0141: plain t [0.8596, 1.1137]) and three more settings: 3 seeds
+    near 1 (plain t above 1), 3 seeds spread wide (uninformative by width), 10 seeds far from the bounds (the
+    plain t interval, to second order), 1 seed. JSON, sweep.md and the plot's error bars all stay in [0, 1]."""
+    grid = {2e-5: [0.9967, 0.9767], 3e-5: [0.97, 0.98, 0.99], 4e-5: [0.5, 0.7, 0.9],
+            5e-5: [0.84, 0.86, 0.85, 0.87, 0.83, 0.88, 0.85, 0.86, 0.84, 0.87], 6e-5: [0.91]}
+    for lr, values in grid.items():
+        for seed, value in enumerate(values, 1):
+            fake_run(tmp_path / "s" / run_name(lr, seed), seed, lr, value, value)
+    summary = summarize(tmp_path / "s")
+    by_lr = {s["setting"]["learning_rate"]: s for s in summary["settings"]}
+    for lr, values in grid.items():
+        for key in ("accuracy", "f1_macro"):
+            got = by_lr[lr][key]
+            assert got["n"] == len(values)
+            if len(values) > 1:
+                assert 0.0 <= got["ci_low"] < got["mean"] < got["ci_high"] <= 1.0
+                assert (got["ci_low"], got["ci_high"]) == pytest.approx(logit_t(values), abs=1e-9)
+    acc = {lr: by_lr[lr]["accuracy"] for lr in grid}
+    assert acc[2e-5]["mean"] + T975[1] * acc[2e-5]["std"] / math.sqrt(2) == pytest.approx(1.1137, abs=1e-4)  # plain
+    assert acc[2e-5]["note"] == "uninformative: n = 2 (< 3 seeds)"
+    assert acc[3e-5]["note"] is None and acc[3e-5]["ci_high"] < 1.0 < 0.98 + T975[2] * 0.01 / math.sqrt(3)
+    assert acc[4e-5]["note"] == f"uninformative: width {acc[4e-5]['ci_high'] - acc[4e-5]['ci_low']:.2f} (> 0.2)"
+    assert acc[6e-5] == {"n": 1, "mean": 0.91, "std": None, "ci_low": None, "ci_high": None, "method": "logit t",
+                         "note": "no interval: n = 1"}
+    # 10 seeds far from the bounds: the plain t interval, up to |1 - 2m| half^2 / (2 m (1 - m)) (stats tests)
+    m, half = acc[5e-5]["mean"], T975[9] * acc[5e-5]["std"] / math.sqrt(10)
+    tolerance = 1.5 * abs(1 - 2 * m) * half**2 / (2 * m * (1 - m))
+    assert (acc[5e-5]["ci_low"], acc[5e-5]["ci_high"]) == pytest.approx((m - half, m + half), abs=tolerance)
+    assert acc[5e-5]["note"] is None
+    md = SweepLayout(tmp_path / "s").markdown.read_text()
+    assert "| learning_rate=6e-05 | 1 | 1 | 0.9100 ± - | no interval (n = 1) |" in md
+    assert f"[{acc[2e-5]['ci_low']:.4f}, 1.0000] (n = 2) **uninformative: n = 2 (< 3 seeds)** |" in md
+    assert "logit" in md and "fewer than 3 seeds or when wider than 0.2" in md
+    # the plot: one error bar per setting with an interval, spanning exactly [ci_low, ci_high], n under each
+    fig = figure(summary)
+    for ax, key in zip(fig.axes, ("accuracy", "f1_macro")):
+        bars = [c for c in ax.containers if c.has_yerr]
+        with_ci = [s for s in summary["settings"] if s[key]["ci_low"] is not None]
+        assert len(bars) == len(with_ci) == 4
+        for bar, s in zip(bars, with_ci):
+            (segment,) = bar.lines[2][0].get_segments()
+            assert (segment[:, 1].min(), segment[:, 1].max()) == pytest.approx((s[key]["ci_low"], s[key]["ci_high"]))
+            assert segment[:, 1].max() <= 1.0
+            dashed = bar.lines[2][0].get_linestyle()[0][1] is not None  # (offset, dash pattern); None: solid
+            assert dashed == (s[key]["note"] is not None)
+        assert ax.get_ylim()[1] <= 1.01 and ax.get_ylim()[0] >= -0.01
+        assert [t.get_text().rsplit("\n", 1)[1] for t in ax.get_xticklabels()] == \
+            [f"n = {len(v)}" for v in grid.values()]
+    import matplotlib.pyplot as plt
+    plt.close(fig)
 
 
 def test_summarize_command_prints_its_files_and_fails_in_one_line(sweep_dir, tmp_path, capsys):
-    summarize_cmd.main([str(sweep_dir)])
+    summary = summarize_cmd.main([str(sweep_dir)])
     out = capsys.readouterr().out.splitlines()
     layout = SweepLayout(sweep_dir)
-    assert out[0] == "5 runs in 2 setting(s); summary written:"
-    assert out[1:] == [f"  {layout.results}", f"  {layout.markdown}", f"  {layout.plot}"]
+    assert out[0] == "5 runs in 2 setting(s); mean and 95% interval of the mean over n seeds (logit t, inside [0, 1]):"
+    a, f = (summary["settings"][1][key] for key in ("accuracy", "f1_macro"))
+    assert out[2] == (f"  learning_rate=3e-05: accuracy 0.8800 [{a['ci_low']:.4f}, {a['ci_high']:.4f}] (n = 2) "
+                      f"uninformative: n = 2 (< 3 seeds); macro-F1 0.8745 [{f['ci_low']:.4f}, {f['ci_high']:.4f}] "
+                      f"(n = 2) uninformative: n = 2 (< 3 seeds)")
+    assert out[1].startswith("  learning_rate=2e-05: accuracy 0.8300 [") and "(n = 3);" in out[1]
+    assert out[3:] == ["summary written:", f"  {layout.results}", f"  {layout.markdown}", f"  {layout.plot}"]
     (tmp_path / "empty").mkdir()
     for bad, message in ((tmp_path / "empty", f"no runs under {tmp_path / 'empty'}: a run is a directory with "
                                                "eval/eval_results.json and finetune/run_config.json"),

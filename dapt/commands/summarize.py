@@ -16,7 +16,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--output_dir", help="where the summary goes (default: SWEEP_DIR)")
     args = ap.parse_args(argv)
     summary = sweep.summarize(args.sweep_dir, args.output_dir)
-    print(f"{len(summary['runs'])} runs in {len(summary['settings'])} setting(s); summary written:")
+    level = f"{summary['confidence']:.0%}"
+    print(f"{len(summary['runs'])} runs in {len(summary['settings'])} setting(s); mean and {level} interval of the "
+          f"mean over n seeds ({summary['interval']['method']}, inside [0, 1]):")
+    for line in sweep.setting_lines(summary):
+        print(f"  {line}")
+    print("summary written:")
     for key in ("results", "markdown", "plot"):
         print(f"  {summary['files'][key]}")
     return summary
