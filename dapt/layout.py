@@ -18,7 +18,7 @@
         data/ mlm/                   as a pipeline's: the demo's reviews, the MLM stage shared by all runs
         mlm-seed<S>/                 one MLM stage per seed instead (--mlm_per_seed)
         runs/lr<LR>-seed<S>/         RunLayout per (fine-tune learning rate, seed): finetune/, eval/
-        sweep_results.json sweep.md sweep.png   `dapt summarize <sweep dir>` (dapt/observe/sweep.py)
+        sweep_results.json sweep.md sweep.png   `dapt summarize <sweep dir>` (dapt/jobs/sweep.py)
 
 `python -m dapt.layout DIR` prints the pipeline paths as shell assignments (for scripts);
 `python -m dapt.layout DIR LR SEED` those of one sweep run.

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from dapt.distributed import free_port  # noqa: F401  (re-exported for the test modules)
-from dapt.pipeline import deepspeed_command
+from dapt.jobs.pipeline import deepspeed_command
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_IMDB = ROOT.parent / "shared" / "data" / "imdb"

@@ -83,7 +83,7 @@ def test_length_beyond_the_models_positions_is_refused_up_front(tiny_model):
     with pytest.raises(DaptError, match="max_seq_length 100000 exceeds the model's limit of 128 positions"):
         resolve_eval_settings(cfg, str(tiny_model))
     from dapt.commands.prepare import parse_args
-    from dapt.data.prepare import prepare
+    from dapt.jobs.prepare import prepare
 
     for stage in ("mlm", "finetune"):
         opts, stage_cfg = parse_args(["--stage", stage, "--output_dir", "o", "--model_name_or_path", str(tiny_model),
@@ -168,7 +168,7 @@ def test_launcher_world_size_is_read_before_the_rendezvous(monkeypatch, env, wor
 def test_recipe_on_an_impossible_world_size_fails_before_anything_runs(tmp_path, monkeypatch):
     """8 ranks take the recipe (micro 16 -> 8); 24 fail in check_inputs: before data, model or process group."""
     from dapt.train.tasks import MLM
-    from dapt.train.trainer import Trainer
+    from dapt.jobs.trainer import Trainer
 
     cfg = MLMConfig(output_dir=str(tmp_path / "out"), model_name_or_path=str(ROOT / "tests"), ds_config="ds_configs/zero2_auto.json")
     monkeypatch.setenv("RANK", "0")

@@ -17,8 +17,8 @@ from dapt.config import (
     TrainConfig,
     parse_config,
 )
-from dapt.data.prepare import PrepareOptions
 from dapt.errors import DaptError
+from dapt.jobs.prepare import PrepareOptions
 
 CONFIG_CLASSES = [DataConfig, TrainConfig, *STAGE_CONFIGS.values(), PrepareOptions]
 

@@ -321,7 +321,7 @@ def test_prepare_records_the_classes_and_finetune_reads_them(tmp_path, tiny_mode
     from transformers import AutoTokenizer
 
     from dapt.commands.prepare import parse_args
-    from dapt.data.prepare import prepare
+    from dapt.jobs.prepare import prepare
     from dapt.distributed import DistInfo
     from dapt.train.tasks import build_classification_task
 

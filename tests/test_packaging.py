@@ -21,7 +21,7 @@ from conftest import ROOT, assert_ok, free_port
 
 from dapt import configs
 from dapt.errors import DaptError
-from dapt.pipeline import deepspeed_command
+from dapt.jobs.pipeline import deepspeed_command
 
 PACKAGE = ROOT / "dapt"
 
@@ -59,7 +59,7 @@ def test_every_subpackage_is_a_regular_package():
 
 def test_wheel_and_sdist_hold_every_module_and_config(dists):
     wanted = package_files()
-    assert {"dapt/train/trainer.py", "dapt/configs/ds/zero2_fp16.json", "dapt/configs/recipes/demo.yaml"} <= wanted
+    assert {"dapt/jobs/trainer.py", "dapt/configs/ds/zero2_fp16.json", "dapt/configs/recipes/demo.yaml"} <= wanted
     with zipfile.ZipFile(dists["wheel"]) as whl:
         names = whl.namelist()
         entry_points = whl.read(next(n for n in names if n.endswith(".dist-info/entry_points.txt"))).decode()
@@ -164,7 +164,7 @@ def test_installed_wheel_runs_mlm_then_finetune_outside_the_checkout(venv, outsi
     start = time.perf_counter()
     # where dapt, a module the old wheel lacked (found, not run: that costs torch's import) and a config come from
     proc = run_outside([py, "-c", "import importlib.util, json, sys, dapt; from dapt.configs import find_ds_config\n"
-                        "print(json.dumps([dapt.__file__, importlib.util.find_spec('dapt.train.trainer').origin, "
+                        "print(json.dumps([dapt.__file__, importlib.util.find_spec('dapt.jobs.trainer').origin, "
                         "str(find_ds_config('zero2_auto')), any('__editable__' in m for m in sys.modules)]))"],
                        tmp_path, outside_env)
     assert_ok(proc)

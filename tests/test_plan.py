@@ -16,10 +16,10 @@ import torch
 from conftest import BIN, ROOT, SHARED_IMDB
 
 from dapt import cli
-from dapt import plan as P
 from dapt.commands.plan import main
 from dapt.configs import find_ds_config
 from dapt.data.batching import steps_per_epoch
+from dapt.jobs import plan as P
 from dapt.observe.throughput import PEAK_TFLOPS, model_flops_per_token
 
 RECIPE = ["--config", str(ROOT / "recipes" / "imdb-bert-base.yaml")]
@@ -281,7 +281,7 @@ def test_prepared_dir_gives_exact_rows(tmp_path, tiny_model, demo_files, capsys,
     from transformers import AutoModelForMaskedLM
 
     from dapt.commands.prepare import parse_args
-    from dapt.data.prepare import prepare
+    from dapt.jobs.prepare import prepare
 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
     model = ["--model_name_or_path", tiny_model, "--max_seq_length", 48]

@@ -14,11 +14,11 @@ from test_sources import make_aclimdb
 from dapt.commands.prepare import parse_args
 from dapt.config import EvalConfig, FinetuneConfig, MLMConfig
 from dapt.data.classify import tokenize_for_classification
-from dapt.data.prepare import prepare
 from dapt.data.prepared import MANIFEST, load_prepared, stage_settings, vocab_hash
 from dapt.data.sources import load_table
 from dapt.distributed import DistInfo
 from dapt.errors import DaptError
+from dapt.jobs.prepare import prepare
 from dapt.model.settings import resolve_eval_settings
 from dapt.train.tasks import build_classification_task, build_mlm_task
 

@@ -1,4 +1,4 @@
-"""Seeds and sweeps: `dapt summarize` (dapt/observe/sweep.py) on hand-made runs, with every number
+"""Seeds and sweeps: `dapt summarize` (dapt/jobs/sweep.py) on hand-made runs, with every number
 recomputed here; `launch/pipeline.py --seeds ... --learning_rates ...` for real (tiny model, 1 epoch);
 and what slurm/sweep.sh submits (stand-in `sbatch`; the real cluster run is in test_slurm.py)."""
 import json
@@ -14,8 +14,8 @@ from conftest import ROOT, assert_ok
 
 from dapt.commands import pipeline as pipeline_cmd
 from dapt.commands import summarize as summarize_cmd
+from dapt.jobs.sweep import figure, summarize
 from dapt.layout import SweepLayout, run_name
-from dapt.observe.sweep import figure, summarize
 
 T975 = {1: 12.706204736174707, 2: 4.302652729911275, 9: 2.2621571627409915}  # Student-t 97.5% quantiles (tables)
 

@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 from dapt.config import FinetuneConfig, MLMConfig
 from dapt.distributed import setup_distributed, shutdown
 from dapt.errors import DaptError, StopRequested
+from dapt.jobs.trainer import Trainer
 from dapt.train.tasks import FINETUNE, MLM
-from dapt.train.trainer import Trainer
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 

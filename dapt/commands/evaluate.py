@@ -5,7 +5,7 @@ from typing import Any, Sequence
 
 from dapt.commands import command
 from dapt.config import EvalConfig, parse_config
-from dapt.eval.evaluate import run_evaluation
+from dapt.jobs.evaluate import run_evaluation
 
 
 @command

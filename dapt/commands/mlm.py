@@ -5,8 +5,8 @@ from typing import Any, Sequence
 
 from dapt.commands import command
 from dapt.config import MLMConfig, parse_config
+from dapt.jobs.trainer import Trainer
 from dapt.train.tasks import MLM
-from dapt.train.trainer import Trainer
 
 
 @command

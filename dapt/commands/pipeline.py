@@ -19,7 +19,7 @@ from dapt.commands import command
 from dapt.config import HelpFormatter, OneLineParser
 from dapt.configs import find_recipe
 from dapt.errors import DaptError
-from dapt.pipeline import default_ranks, run_pipeline, run_sweep, sweep_grid
+from dapt.jobs.pipeline import default_ranks, run_pipeline, run_sweep, sweep_grid
 
 
 @command

@@ -13,8 +13,8 @@ from typing import Sequence
 with contextlib.redirect_stdout(sys.stderr):
     import deepspeed  # noqa: F401
 
-from dapt import plan  # noqa: E402
 from dapt.commands import command  # noqa: E402
+from dapt.jobs import plan  # noqa: E402
 
 
 @command

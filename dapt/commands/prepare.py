@@ -7,8 +7,8 @@ from typing import Any, Sequence
 
 from dapt.commands import command
 from dapt.config import STAGE_CONFIGS, OneLineParser, add_flag, parse_config
-from dapt.data.prepare import PrepareOptions, prepare
 from dapt.errors import DaptError
+from dapt.jobs.prepare import PrepareOptions, prepare
 
 USAGE = "prepare --stage STAGE [--test_files STR ...] [--test_split STR] [--config RECIPE] [--FIELD VALUE ...]"
 

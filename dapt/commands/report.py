@@ -5,7 +5,7 @@ from typing import Any, Sequence
 
 from dapt.commands import command
 from dapt.config import HelpFormatter, OneLineParser
-from dapt.observe import report
+from dapt.jobs import report
 
 
 @command

@@ -1,6 +1,6 @@
 """What each stage gives the one training loop: its data, loss, evaluation and export settings.
 
-`Task` declares everything the loop (dapt/train/trainer.py) uses; the MLM and classification tasks
+`Task` declares everything the loop (dapt/jobs/trainer.py) uses; the MLM and classification tasks
 implement it. A `Stage` pairs a task builder with the model loader of that stage.
 """
 from __future__ import annotations

@@ -3,7 +3,7 @@ job's PYTHONPATH; sbatch and srun pass it on to every task). Off unless their va
 is not changed (cf. tests/fp16/sitecustomize.py).
 
 DAPT_TEST_SLOW_WRITE=SECONDS   rank 0's final writes take SECONDS longer: it sleeps before each call of
-    `dapt.eval.evaluate.write_set` (the results, the model card and the W&B run of one test set) and of the
+    `dapt.jobs.evaluate.write_set` (the results, the model card and the W&B run of one test set) and of the
     trainer's `export_checkpoint` (the exported model; the summary and W&B follow). The other ranks must wait
     for it: under `srun --wait=N` with N < SECONDS they would otherwise exit first and srun would kill rank 0.
 DAPT_TEST_TIMES_DIR=DIR        where each process records when it exits (`exit-<rank>-<pid>.json`, an atexit
@@ -66,7 +66,7 @@ def _patch_trainer(module) -> None:
     module.export_checkpoint = _slow("export_checkpoint", module.export_checkpoint)
 
 
-_PATCHES = {"dapt.eval.evaluate": _patch_evaluate, "dapt.train.trainer": _patch_trainer} if _SLOW > 0 else {}
+_PATCHES = {"dapt.jobs.evaluate": _patch_evaluate, "dapt.jobs.trainer": _patch_trainer} if _SLOW > 0 else {}
 
 
 class _PatchAfterImport:

@@ -6,7 +6,7 @@ is dapt/layout.py's RunLayout, the same as slurm/pipeline.sh's.
 
 A sweep (`run_sweep`: seeds x fine-tune learning rates) runs one MLM stage (or one per seed), then a
 fine-tune and an evaluation per (learning rate, seed) into SweepLayout's `runs/lr<LR>-seed<S>/`, the
-same directories as slurm/sweep.sh's, and summarises them (dapt/observe/sweep.py).
+same directories as slurm/sweep.sh's, and summarises them (dapt/jobs/sweep.py).
 """
 from __future__ import annotations
 
@@ -29,9 +29,9 @@ from dapt.distributed import free_port
 from dapt.errors import DaptError
 from dapt.eval.metrics import format_table
 from dapt.io import read_json, write_jsonl
+from dapt.jobs.report import make_report
+from dapt.jobs.sweep import summarize
 from dapt.layout import RunLayout, SweepLayout
-from dapt.observe.report import make_report
-from dapt.observe.sweep import summarize
 
 EXAMPLES = [
     "A wonderful film: the acting is superb and the story kept me hooked until the very end.",
