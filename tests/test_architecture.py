@@ -1,25 +1,67 @@
-"""The package's shape, checked: no import cycles, commands on top, a training core of short functions.
+"""The package's shape, checked: its layers, no import cycles, commands on top, a training core of short
+functions.
 
-The import graph is read from the source (module-level `import dapt...` / `from dapt... import`), so a
-cycle is caught even where Python happens to tolerate it at run time.
+The import graph is read from the source (`import dapt...` / `from dapt... import`), so a cycle is caught even
+where Python happens to tolerate it at run time, and an import that crosses a layer the wrong way is caught
+before anything runs it.
+
+The layer map is declared once, below (LAYERS, EDGES; README "Architecture" draws it): a *package* is a
+subpackage of dapt or one of its top-level modules; each sits in one layer (base < blocks < jobs < entry) and
+imports only packages of its own layer or below, and the package-to-package imports are exactly EDGES, so a
+new one is a decision made here, not an accident.
 """
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
+from collections import defaultdict
 from pathlib import Path
 
 from conftest import ROOT
 
 PACKAGE = ROOT / "dapt"
 COMMAND_LAYER = ("dapt.commands", "dapt.cli", "dapt.__main__")
-TRAINING_CORE = ("dapt.train",)
+TRAINING_CORE = ("dapt.train", "dapt.jobs.trainer")
 MAX_FUNCTION_LINES = 60
 
+# Lowest first. A package imports packages of its own layer or of a layer below, never above.
+LAYERS = {
+    "base": ("dapt", "dapt.version", "dapt.errors", "dapt.io", "dapt.configs", "dapt.config", "dapt.layout",
+             "dapt.distributed"),
+    "blocks": ("dapt.data", "dapt.model", "dapt.eval", "dapt.observe", "dapt.train"),
+    "jobs": ("dapt.jobs", "dapt.serve"),
+    "entry": ("dapt.commands", "dapt.cli", "dapt.__main__"),
+}
+# Every package-to-package import there is, and no other (`dapt` is the package's own __init__).
+EDGES = {
+    "dapt": {"dapt.version"},
+    "dapt.version": set(),
+    "dapt.errors": set(),
+    "dapt.io": {"dapt.errors"},
+    "dapt.configs": {"dapt.errors"},
+    "dapt.config": {"dapt.configs", "dapt.errors"},
+    "dapt.layout": set(),
+    "dapt.distributed": {"dapt.errors"},
+    "dapt.data": {"dapt.config", "dapt.distributed", "dapt.errors", "dapt.io", "dapt.version"},
+    "dapt.model": {"dapt.config", "dapt.data", "dapt.errors", "dapt.io", "dapt.version"},
+    "dapt.eval": {"dapt.config", "dapt.data", "dapt.distributed", "dapt.errors"},
+    "dapt.observe": {"dapt.config", "dapt.errors", "dapt.io", "dapt.layout"},
+    "dapt.train": {"dapt.config", "dapt.configs", "dapt.data", "dapt.distributed", "dapt.errors", "dapt.eval",
+                   "dapt.io", "dapt.model"},
+    "dapt.jobs": {"dapt", "dapt.config", "dapt.data", "dapt.distributed", "dapt.errors", "dapt.eval", "dapt.io",
+                  "dapt.layout", "dapt.model", "dapt.observe", "dapt.train", "dapt.version"},
+    "dapt.serve": {"dapt.data", "dapt.errors", "dapt.eval", "dapt.model"},
+    "dapt.commands": {"dapt.config", "dapt.configs", "dapt.errors", "dapt.io", "dapt.jobs", "dapt.model",
+                      "dapt.serve", "dapt.train"},
+    "dapt.cli": {"dapt.version"},
+    "dapt.__main__": {"dapt.cli"},
+}
 
-def module_name(path: Path) -> str:
-    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+
+def module_name(path: Path, root: Path = ROOT) -> str:
+    parts = list(path.relative_to(root).with_suffix("").parts)
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
@@ -71,6 +113,124 @@ def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
         if node not in state and (cycle := visit(node)):
             return cycle
     return None
+
+
+def package_of(module: str) -> str:
+    """The package a module belongs to: dapt.jobs.trainer -> dapt.jobs; dapt.cli -> dapt.cli; dapt -> dapt."""
+    return ".".join(module.split(".")[:2])
+
+
+def imported_modules(node: ast.Import | ast.ImportFrom, name: str, path: Path, known: set[str]) -> list[str]:
+    """The modules one import statement of module `name` (file `path`) names, relative imports resolved."""
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names]
+    base = node.module or ""
+    if node.level:
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        parts = package.split(".")
+        base = ".".join(parts[:len(parts) - node.level + 1] + ([node.module] if node.module else []))
+    # `from dapt.jobs import plan` names the module dapt.jobs.plan; `from dapt.io import read_json` names dapt.io
+    return [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names]
+
+
+def package_imports(root: Path = ROOT) -> dict[tuple[str, str], list[str]]:
+    """(importing package, imported package) -> where, as `file:line: statement`, for every import of a dapt
+    module under root/dapt: at module level or inside a function, absolute or relative."""
+    files = {module_name(p, root): p for p in sorted((root / "dapt").rglob("*.py"))}
+    found: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for name, path in files.items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(node, (ast.Import, ast.ImportFrom)):
+                continue
+            for target in imported_modules(node, name, path, set(files)):
+                edge = (package_of(name), package_of(target))
+                if (target == "dapt" or target.startswith("dapt.")) and edge[0] != edge[1]:
+                    where = f"{path.relative_to(root)}:{node.lineno}: {ast.unparse(node)}"
+                    if where not in found[edge]:
+                        found[edge].append(where)
+    return dict(found)
+
+
+def package_graph(edges) -> dict[str, set[str]]:
+    graph_: dict[str, set[str]] = defaultdict(set)
+    for a, b in edges:
+        graph_[a].add(b)
+        graph_[b]
+    return graph_
+
+
+def upward(found: dict[tuple[str, str], list[str]]) -> list[str]:
+    """Imports of a package in a higher layer than the importer's (or of a package in no layer)."""
+    rank = {p: i for i, members in enumerate(LAYERS.values()) for p in members}
+    layer = {p: name for name, members in LAYERS.items() for p in members}
+    return [f"{a} ({layer.get(a, 'no layer')}) imports {b} ({layer.get(b, 'no layer')}): " + "; ".join(where)
+            for (a, b), where in sorted(found.items()) if rank.get(b, len(LAYERS)) > rank.get(a, -1)]
+
+
+def test_every_package_sits_in_one_layer():
+    packages = {package_of(m) for m in modules()}
+    placed = [p for members in LAYERS.values() for p in members]
+    assert len(placed) == len(set(placed)), "a package in two layers: " + str(sorted(p for p in placed
+                                                                                    if placed.count(p) > 1))
+    assert packages - set(placed) == set(), "packages in no layer (add them to LAYERS and EDGES)"
+    assert set(placed) - packages == set(), "layer members that are not packages of dapt (remove them)"
+    assert set(EDGES) == packages
+
+
+def test_package_imports_are_the_declared_edges():
+    found = package_imports()
+    new = [f"{a} -> {b} is not declared in EDGES (tests/test_architecture.py):\n    " + "\n    ".join(where)
+           for (a, b), where in sorted(found.items()) if b not in EDGES.get(a, set())]
+    stale = [f"{a} -> {b} is declared in EDGES but imported nowhere: remove it"
+             for a, targets in sorted(EDGES.items()) for b in sorted(targets) if (a, b) not in found]
+    assert new + stale == [], "\n".join(new + stale)
+
+
+def test_imports_go_down_the_layers():
+    """Jobs are never imported by building blocks, nor entry points by anything below them: in the
+    declaration and in the source."""
+    declared = {(a, b): ["declared in EDGES"] for a, targets in EDGES.items() for b in targets}
+    assert upward(declared) == []
+    assert upward(package_imports()) == []
+
+
+def test_no_package_level_cycle():
+    for name, edges in (("EDGES", {(a, b) for a, targets in EDGES.items() for b in targets}),
+                        ("the source", set(package_imports()))):
+        cycle = find_cycle(package_graph(edges))
+        assert cycle is None, f"package cycle in {name}: " + " -> ".join(cycle)
+
+
+def test_the_layer_checks_can_fail(tmp_path):
+    """A building block importing a job, inside a function and relatively, is found, named and refused."""
+    files = {"dapt/__init__.py": "", "dapt/eval/__init__.py": "", "dapt/jobs/__init__.py": "",
+             "dapt/eval/metrics.py": "def f():\n    from dapt.jobs import evaluate\n",
+             "dapt/eval/scoring.py": "from ..jobs.evaluate import run_evaluation\n",
+             "dapt/jobs/evaluate.py": "import dapt.eval.metrics\nfrom dapt import eval\n"}
+    for rel, text in files.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    found = package_imports(tmp_path)
+    assert found == {("dapt.eval", "dapt.jobs"): ["dapt/eval/metrics.py:2: from dapt.jobs import evaluate",
+                                                  "dapt/eval/scoring.py:1: from ..jobs.evaluate import run_evaluation"],
+                     ("dapt.jobs", "dapt.eval"): ["dapt/jobs/evaluate.py:1: import dapt.eval.metrics",
+                                                  "dapt/jobs/evaluate.py:2: from dapt import eval"]}
+    assert upward(found) == ["dapt.eval (blocks) imports dapt.jobs (jobs): dapt/eval/metrics.py:2: from dapt.jobs "
+                             "import evaluate; dapt/eval/scoring.py:1: from ..jobs.evaluate import run_evaluation"]
+    assert find_cycle(package_graph(found)) == ["dapt.eval", "dapt.jobs", "dapt.eval"]
+
+
+def test_module_names_written_as_strings_exist():
+    """Test hooks and helpers name dapt modules as strings (a meta-path hook patches `dapt.jobs.evaluate`, the
+    rank server preloads modules by name): a module that moves must not silently unhook them."""
+    known, missing = set(modules()), []
+    for path in sorted([*(ROOT / "tests").rglob("*.py"), *(ROOT / "benchmarks").rglob("*.py"),
+                        *(ROOT / "launch").rglob("*.py")]):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if (isinstance(node, ast.Constant) and isinstance(node.value, str)
+                    and re.fullmatch(r"dapt(\.\w+)+", node.value) and node.value not in known):
+                missing.append(f"{path.relative_to(ROOT)}:{node.lineno}: {node.value!r}")
+    assert missing == []
 
 
 def test_no_import_cycles():
