@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import ranks as ranks_mod
 
 from dapt.distributed import free_port  # noqa: F401  (re-exported for the test modules)
 from dapt.jobs.pipeline import deepspeed_command
@@ -84,8 +85,12 @@ def demo_files(tmp_path_factory) -> dict[str, Path]:
 
 def run_cli(script: str, args: list[str], env: dict[str, str], ranks: int = 1, launcher: str = "python",
             timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run launch/<script> for real: `python`, `deepspeed --num_gpus N` or `torchrun --nproc_per_node N`."""
+    """Run launch/<script> for real: `python`, `deepspeed --num_gpus N` or `torchrun --nproc_per_node N`,
+    or "fork": N ranks forked from a process that has already imported everything (tests/ranks.py; 1 rank
+    runs as plain `python`)."""
     path = str(ROOT / "launch" / script)
+    if launcher == "fork":
+        return ranks_mod.run(["-m", "dapt", script.removesuffix(".py"), *map(str, args)], env, ranks, timeout=timeout)
     if launcher == "deepspeed":
         cmd = deepspeed_command(script, ranks)
     elif launcher == "torchrun":

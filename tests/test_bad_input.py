@@ -110,22 +110,22 @@ def test_the_entry_point_exits_2_with_one_line(case, tmp_path, good_output, tiny
 def test_existing_run_is_not_overwritten(tmp_path, good_output, tiny_model, base_env, demo_files):
     before = _snapshot(good_output)
     line = _error_line(run_cli("mlm.py", ["--model_name_or_path", tiny_model, "--data_files", demo_files["unlabelled"],
-                                          "--output_dir", good_output, "--max_seq_length", "64"], base_env))
+                                          "--output_dir", good_output, "--max_seq_length", "64"], base_env, launcher="fork"))
     assert "is not empty" in line and "--overwrite_output_dir" in line
     line = _error_line(run_cli("evaluate.py", ["--model_name_or_path", tiny_model, "--data_files", demo_files["test"],
-                                               "--output_dir", good_output], base_env))
+                                               "--output_dir", good_output], base_env, launcher="fork"))
     assert "eval_results.json already exists" in line
     assert _snapshot(good_output) == before
 
 
 def test_export_refuses_bad_checkpoints(tmp_path, good_output, base_env):
     line = _error_line(run_cli("export.py", ["--checkpoint", tmp_path / "nothing", "--output_dir", tmp_path / "x"],
-                               base_env))
+                               base_env, launcher="fork"))
     assert "checkpoint not found" in line
     (tmp_path / "ck").mkdir()
     (tmp_path / "ck" / "latest").write_text("step0000009")
     line = _error_line(run_cli("export.py", ["--checkpoint", tmp_path / "ck", "--output_dir", tmp_path / "x"],
-                               base_env))
+                               base_env, launcher="fork"))
     assert "names checkpoint 'step0000009', which does not exist" in line
 
 
@@ -135,6 +135,6 @@ def test_a_good_small_run_passes_the_same_checks(tmp_path, tiny_model, base_env,
     proc = run_cli("finetune.py", ["--model_name_or_path", tiny_model, "--data_files", demo_files["train"],
                                    "--output_dir", out, "--ds_config", "ds_configs/zero2_auto.json",
                                    "--max_seq_length", "64", "--effective_batch_size", "16", "--micro_batch_size",
-                                   "8", "--num_epochs", "1", "--head_tokens", "16"], base_env)
+                                   "8", "--num_epochs", "1", "--head_tokens", "16"], base_env, launcher="fork")
     assert_ok(proc)
     assert (out / "model" / "model.safetensors").is_file()

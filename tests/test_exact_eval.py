@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import ROOT, assert_ok, free_port
+from conftest import ROOT, assert_ok
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 
 from dapt.data.classify import tokenize_for_classification
@@ -67,14 +67,13 @@ def reference(classifier, demo_files):
 @pytest.mark.dist
 @pytest.mark.parametrize("world", [1, 2, 3])  # 3: uneven shards, and N < world for N = 1, 2
 def test_counts_are_exact_for_any_size_and_world(world, classifier, demo_files, reference, base_env, tmp_path):
-    import subprocess
-    import sys
+    from ranks import run as run_forked
 
     out = tmp_path / "res.json"
-    cmd = [str(__import__("pathlib").Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(world),
-           "--master_port", str(free_port()), str(ROOT / "tests" / "workers" / "exact_eval.py"),
-           str(classifier), str(demo_files["train"]), str(out), ",".join(map(str, SIZES))]
-    assert_ok(subprocess.run(cmd, env=base_env, cwd=ROOT, capture_output=True, text=True, timeout=300))
+    cmd = [str(ROOT / "tests" / "workers" / "exact_eval.py"), str(classifier), str(demo_files["train"]), str(out),
+           ",".join(map(str, SIZES))]
+    # `world` ranks with a launcher's environment (even 1: a process group of one), forked (tests/ranks.py)
+    assert_ok(run_forked(cmd, base_env, ranks=world, dist=True))
     got = json.loads(out.read_text())
     assert got["world_size"] == world
     labels, preds = reference

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
-from conftest import ROOT, assert_ok, deepspeed_command, run_cli
+from conftest import ROOT, assert_ok, run_cli
+from ranks import ForkedJob
 from test_resume import _args as resume_args
 
 pytestmark = [pytest.mark.fp16, pytest.mark.dist]
@@ -40,7 +39,7 @@ def _args(stage, out, tiny_model, demo_files, ds, epochs=2, extra=()):
 
 
 def _train(stage, out, tiny_model, demo_files, ds, env, timeout=300, **kw):
-    return run_cli(f"{stage}.py", _args(stage, out, tiny_model, demo_files, ds, **kw), env, ranks=2, launcher="deepspeed",
+    return run_cli(f"{stage}.py", _args(stage, out, tiny_model, demo_files, ds, **kw), env, ranks=2, launcher="fork",
                    timeout=timeout)
 
 
@@ -257,10 +256,9 @@ def test_evaluation_in_fp16_agrees_with_fp32(finetune_zero3, tmp_path, demo_file
     """launch/evaluate.py --precision fp16 (autocast; on CPU only in the lane) vs --precision fp32, the two
     jobs side by side (one rank each), every prediction saved."""
     out, _ = finetune_zero3
-    jobs = {p: subprocess.Popen([sys.executable, str(ROOT / "launch" / "evaluate.py"), "--model_name_or_path", str(out),
-                                 "--data_files", str(demo_files["test"]), "--output_dir", str(tmp_path / p),
-                                 "--eval_name", f"test-{p}", "--precision", p, "--save_predictions"],
-                                env=fp16_env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    jobs = {p: ForkedJob(["-m", "dapt", "evaluate", "--model_name_or_path", str(out),
+                          "--data_files", str(demo_files["test"]), "--output_dir", str(tmp_path / p),
+                          "--eval_name", f"test-{p}", "--precision", p, "--save_predictions"], fp16_env, 1)
             for p in ("fp16", "fp32")}
     for job in jobs.values():
         _, stderr = job.communicate(timeout=300)
@@ -315,21 +313,18 @@ def test_loss_scale_floor_is_one_line_and_exit_3(tmp_path, tiny_model, demo_file
     ckpts, good = out / "checkpoints", "step0000003"
     args = _args("finetune", out, tiny_model, demo_files, ds, epochs=1, extra=["--save_steps", "3"])
     env = {**fp16_env, "DAPT_TEST_FP16_INF_GRAD": "4-@1"}
-    with (tmp_path / "stdout").open("w+") as stdout, (tmp_path / "stderr").open("w+") as stderr:
-        proc = subprocess.Popen([*deepspeed_command("finetune.py", 2), *map(str, args)], env=env, cwd=ROOT,
-                                stdout=stdout, stderr=stderr, text=True)
-        try:
-            deadline = time.time() + 300
-            while not ((ckpts / "latest").is_file() and (ckpts / "latest").read_text().strip() == good):
-                assert proc.poll() is None and time.time() < deadline, "no checkpoint of step 3"
-                time.sleep(0.05)
-            before = _hashes(ckpts)
-            rc = proc.wait(timeout=300)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-        stdout.seek(0), stderr.seek(0)
-        out_text, err_text = stdout.read(), stderr.read()
+    proc = ForkedJob(["-m", "dapt", "finetune", *map(str, args)], env, 2)
+    try:
+        deadline = time.time() + 300
+        while not ((ckpts / "latest").is_file() and (ckpts / "latest").read_text().strip() == good):
+            assert proc.poll() is None and time.time() < deadline, "no checkpoint of step 3"
+            time.sleep(0.05)
+        before = _hashes(ckpts)
+        rc = proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out_text, err_text = proc.output()
     assert rc == EXIT_TRAINING_FAILED, f"exit {rc}\n{out_text[-3000:]}\n{err_text[-3000:]}"
     assert "Traceback" not in err_text and "Traceback" not in out_text, err_text[-3000:]
     lines = [ln for ln in err_text.splitlines() if "dapt: error:" in ln]

@@ -1,6 +1,7 @@
 """Both stages for real on 2 CPU ranks (gloo) with a tiny BERT: ZeRO-2 and ZeRO-3, fp32 and bf16,
-under the deepspeed launcher and under torchrun (environment-based ranks), then exact evaluation
-and export round trips."""
+under the deepspeed launcher (`--local_rank`), under torchrun (environment-based ranks) and as forked
+ranks (tests/ranks.py: the same environment, imports shared), then exact evaluation and export round
+trips."""
 import json
 
 import pytest
@@ -81,9 +82,9 @@ def test_mlm_export_keeps_the_decoder_tied(mlm_zero2, tiny_model):
         assert torch.equal(fresh(input_ids=ids).logits, exported(input_ids=ids).logits)
 
 
-def test_mlm_zero3_bf16_under_torchrun(tmp_path, tiny_model, demo_files, base_env):
-    out = tmp_path / "run"
-    assert_ok(_mlm(out, tiny_model, demo_files, base_env, "ds_configs/zero3_bf16.json", "torchrun", epochs=1))
+def test_mlm_zero3_bf16(tmp_path, tiny_model, demo_files, base_env):
+    out = tmp_path / "run"  # torchrun's environment rendezvous is tested once, by the `finetuned` fixture
+    assert_ok(_mlm(out, tiny_model, demo_files, base_env, "ds_configs/zero3_bf16.json", "fork", epochs=1))
     summary = json.loads((out / "summary.json").read_text())
     assert summary["precision"] == "bf16" and summary["world_size"] == 2
     run_cfg = json.loads((out / "run_config.json").read_text())
@@ -148,7 +149,7 @@ def test_evaluate_two_ranks_counts_each_example_once(finetuned, demo_files, base
 
     proc = run_cli("evaluate.py", ["--model_name_or_path", finetuned, "--data_files", demo_files["test"],
                                    "--output_dir", tmp_path, "--eval_batch_size", "4"], base_env, ranks=2,
-                   launcher="deepspeed")
+                   launcher="fork")
     assert_ok(proc)
     res = json.loads((tmp_path / "eval_results.json").read_text())
     assert res["n_examples"] == 37 and res["world_size"] == 2
@@ -171,12 +172,12 @@ def test_finetune_zero2_bf16_and_export_command(tmp_path, tiny_model, demo_files
     args = ["--model_name_or_path", tiny_model, "--data_files", demo_files["train"], "--output_dir", out,
             "--ds_config", "ds_configs/zero2_bf16.json", "--max_seq_length", "64", "--head_tokens", "16",
             "--num_epochs", "1", "--truncation", "head", "--validation_split", "0", *COMMON]
-    assert_ok(run_cli("finetune.py", args, base_env, ranks=2, launcher="deepspeed"))
+    assert_ok(run_cli("finetune.py", args, base_env, ranks=2, launcher="fork"))
     summary = json.loads((out / "summary.json").read_text())
     assert summary["precision"] == "bf16" and summary["final_eval"] == {}
     # the export command on the run's checkpoint reproduces the stage's own export, weight for weight
     exported = tmp_path / "again"
-    assert_ok(run_cli("export.py", ["--checkpoint", out, "--output_dir", exported], base_env))
+    assert_ok(run_cli("export.py", ["--checkpoint", out, "--output_dir", exported], base_env, launcher="fork"))
     from safetensors.torch import load_file
 
     a, b = load_file(out / "model" / "model.safetensors"), load_file(exported / "model.safetensors")
@@ -191,7 +192,7 @@ def test_no_shared_memory_left_behind(tmp_path, tiny_model, demo_files, base_env
     import glob
     import re
 
-    proc = _mlm(tmp_path / "run", tiny_model, demo_files, base_env, "ds_configs/zero2_auto.json", "deepspeed", epochs=1)
+    proc = _mlm(tmp_path / "run", tiny_model, demo_files, base_env, "ds_configs/zero2_auto.json", "fork", epochs=1)
     assert_ok(proc)
     # this run's buffers are named by its rendezvous port (other jobs on the machine may hold theirs)
     port = re.search(r"master [\d.]+:(\d+)", proc.stdout).group(1)
@@ -208,7 +209,7 @@ def test_sparse_mlm_head_equals_the_dense_head_and_packing_can_be_off(tmp_path, 
         args = ["--model_name_or_path", tiny_model, "--data_files", demo_files["unlabelled"], "--output_dir", out,
                 "--ds_config", "ds_configs/zero2_auto.json", "--max_seq_length", "64", "--num_epochs", "1",
                 "--learning_rate", "1e-3", "--warmup", "0.1", "--validation_split", "0.1", *COMMON, *flags]
-        assert_ok(run_cli("mlm.py", args, base_env, ranks=2, launcher="deepspeed"))
+        assert_ok(run_cli("mlm.py", args, base_env, ranks=2, launcher="fork"))
         runs[name] = {r["step"]: r for r in _jsonl(out / "metrics.jsonl")}
     sparse = {s: r["loss"] for s, r in runs["sparse"].items() if "loss" in r}
     dense = {s: r["loss"] for s, r in runs["dense"].items() if "loss" in r}

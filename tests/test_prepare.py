@@ -176,19 +176,19 @@ def test_prepare_cli_writes_nothing_partial(tmp_path, tiny_model, base_env, demo
                    + json.dumps({"text": "odd", "label": 5}) + "\n")
     out = tmp_path / "sets" / "prep"
     common = ["--stage", "finetune", "--model_name_or_path", tiny_model, "--max_seq_length", 48, "--head_tokens", 12]
-    line = _error_line(run_cli("prepare.py", common + ["--data_files", bad, "--output_dir", out], base_env))
+    line = _error_line(run_cli("prepare.py", common + ["--data_files", bad, "--output_dir", out], base_env, launcher="fork"))
     assert "label(s) outside {0, 1} in column 'label' (first at row 50: 5;" in line
     assert not (tmp_path / "sets").exists() or not any((tmp_path / "sets").iterdir())
 
     good = common + ["--data_files", demo_files["train"], "--output_dir", out]
-    proc = run_cli("prepare.py", good, base_env)
+    proc = run_cli("prepare.py", good, base_env, launcher="fork")
     assert_ok(proc)
     assert "examples" in proc.stdout and "truncated" in proc.stdout and "prepared finetune data" in proc.stdout
     first = json.loads((out / MANIFEST).read_text())
-    line = _error_line(run_cli("prepare.py", good, base_env))
+    line = _error_line(run_cli("prepare.py", good, base_env, launcher="fork"))
     assert "already holds prepared data; pass --overwrite_output_dir" in line
     assert json.loads((out / MANIFEST).read_text()) == first
-    proc = run_cli("prepare.py", good + ["--overwrite_output_dir", "--max_samples", 100], base_env)
+    proc = run_cli("prepare.py", good + ["--overwrite_output_dir", "--max_samples", 100], base_env, launcher="fork")
     assert_ok(proc)
     assert json.loads((out / MANIFEST).read_text())["splits"]["train"]["examples"] == 98
     assert sorted(p.name for p in out.parent.iterdir()) == ["prep"]  # no temp or old siblings left
@@ -197,7 +197,7 @@ def test_prepare_cli_writes_nothing_partial(tmp_path, tiny_model, base_env, demo
     other.mkdir()
     (other / "keep.txt").write_text("mine")
     line = _error_line(run_cli("prepare.py", common + ["--data_files", demo_files["train"], "--output_dir", other,
-                                                       "--overwrite_output_dir"], base_env))
+                                                       "--overwrite_output_dir"], base_env, launcher="fork"))
     assert "is not a prepared data directory" in line and (other / "keep.txt").read_text() == "mine"
 
 
@@ -212,12 +212,12 @@ def test_training_reads_only_the_prepared_dir_offline(tmp_path, tiny_model, base
     env = dict(base_env, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     train = ["--model_name_or_path", tiny_model, "--prepared_dir", prep, "--ds_config", "ds_configs/zero2_auto.json",
              "--effective_batch_size", 16, "--micro_batch_size", 8, "--num_epochs", 1, "--head_tokens", 16]
-    line = _error_line(run_cli("finetune.py", train + ["--output_dir", tmp_path / "x", "--max_seq_length", 32], env))
+    line = _error_line(run_cli("finetune.py", train + ["--output_dir", tmp_path / "x", "--max_seq_length", 32], env, launcher="fork"))
     assert "does not match this run: max_seq_length is 64 there, 32 here" in line
     assert not (tmp_path / "x").exists()
 
     run = tmp_path / "run"
-    proc = run_cli("finetune.py", train + ["--output_dir", run, "--max_seq_length", 64], env)
+    proc = run_cli("finetune.py", train + ["--output_dir", run, "--max_seq_length", 64], env, launcher="fork")
     assert_ok(proc)
     assert (run / "model" / "model.safetensors").is_file()
     assert json.loads((run / "run_config.json").read_text())["config"]["prepared_dir"] == str(prep)
@@ -227,7 +227,7 @@ def test_training_reads_only_the_prepared_dir_offline(tmp_path, tiny_model, base
     prep_test = tmp_path / "prep_test"
     run_prepare("--stage", "evaluate", "--output_dir", prep_test, "--model_name_or_path", run,
                 "--data_files", demo_files["test"])  # length and truncation: as the model was trained
-    proc = run_cli("evaluate.py", ["--model_name_or_path", run, "--prepared_dir", prep_test, "--output_dir", run], env)
+    proc = run_cli("evaluate.py", ["--model_name_or_path", run, "--prepared_dir", prep_test, "--output_dir", run], env, launcher="fork")
     assert_ok(proc)
     results = json.loads((run / "eval_results.json").read_text())
     assert results["n_examples"] == 37 and results["max_seq_length"] == 64 and results["data"] == str(prep_test)

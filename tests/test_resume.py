@@ -13,6 +13,7 @@ import psutil
 import pytest
 import torch
 from conftest import ROOT, assert_ok, deepspeed_command, run_cli
+from ranks import ForkedJob
 
 pytestmark = [pytest.mark.resume, pytest.mark.dist]
 EXIT_REQUEUE = 75
@@ -55,18 +56,18 @@ def _weights(out):
 def test_interrupted_and_resumed_run_is_the_same_run(stage, ds, tmp_path, tiny_model, demo_files, base_env):
     script = f"{stage}.py"
     ref = tmp_path / "reference"
-    assert_ok(run_cli(script, _args(stage, ref, tiny_model, demo_files, ds), base_env, ranks=2, launcher="deepspeed"))
+    assert_ok(run_cli(script, _args(stage, ref, tiny_model, demo_files, ds), base_env, ranks=2, launcher="fork"))
     ref_losses, ref_evals = _losses(ref)
     total = max(ref_losses)
 
     run = tmp_path / "interrupted"
     stop_after = total // 2 - 1  # mid-epoch 1 of 2, and mid gradient-accumulation (2 micro-batches per step)
     first = run_cli(script, _args(stage, run, tiny_model, demo_files, ds), _env(base_env, f"signal=train:0:{stop_after}"),
-                    ranks=2, launcher="deepspeed")
+                    ranks=2, launcher="fork")
     assert first.returncode == EXIT_REQUEUE, first.stdout[-3000:] + first.stderr[-3000:]
     assert f"stopped by signal {int(signal.SIGUSR1)} at step {stop_after + 1}" in first.stdout
     assert _latest(run) == f"step{stop_after + 1:07d}"  # the cycle in progress finished, then saved
-    second = run_cli(script, _args(stage, run, tiny_model, demo_files, ds), base_env, ranks=2, launcher="deepspeed")
+    second = run_cli(script, _args(stage, run, tiny_model, demo_files, ds), base_env, ranks=2, launcher="fork")
     assert_ok(second)
     assert f"resumed from {run / 'checkpoints' / f'step{stop_after + 1:07d}'} at step {stop_after + 1}" in second.stdout
     losses, evals = _losses(run)
@@ -80,6 +81,8 @@ def test_interrupted_and_resumed_run_is_the_same_run(stage, ds, tmp_path, tiny_m
 
 
 def _rank_pids(launcher_proc, n, timeout=60):
+    if isinstance(launcher_proc, ForkedJob):
+        return launcher_proc.rank_pids
     deadline = time.time() + timeout
     while time.time() < deadline:
         kids = []
@@ -107,15 +110,20 @@ def _wait_for_step(out, step, proc, timeout=120):
     raise AssertionError(f"step {step} not reached")
 
 
-def _start(stage, out, tiny_model, demo_files, base_env, ds="ds_configs/zero2_auto.json", epochs=30):
-    cmd = [*deepspeed_command(f"{stage}.py", 2), *map(str, _args(stage, out, tiny_model, demo_files, ds, epochs=epochs, extra=["--save_steps", "0"]))]
+def _start(stage, out, tiny_model, demo_files, base_env, ds="ds_configs/zero2_auto.json", epochs=30, launcher="deepspeed"):
+    args = [*map(str, _args(stage, out, tiny_model, demo_files, ds, epochs=epochs, extra=["--save_steps", "0"]))]
+    if launcher == "fork":
+        return ForkedJob(["-m", "dapt", stage, *args], base_env, 2)
+    cmd = [*deepspeed_command(f"{stage}.py", 2), *args]
     return subprocess.Popen(cmd, env=base_env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-@pytest.mark.parametrize("sig, who", [(signal.SIGTERM, "one"), (signal.SIGUSR1, "all")])
-def test_stop_signal_saves_one_agreed_step_then_resume(sig, who, tmp_path, tiny_model, demo_files, base_env):
+# SIGTERM to one rank under the deepspeed launcher: the launcher passes the requeue exit code (75) on;
+# SIGUSR1 to every rank, forked ranks (tests/ranks.py): the agreement on one step is dapt's, not the launcher's.
+@pytest.mark.parametrize("sig, who, launcher", [(signal.SIGTERM, "one", "deepspeed"), (signal.SIGUSR1, "all", "fork")])
+def test_stop_signal_saves_one_agreed_step_then_resume(sig, who, launcher, tmp_path, tiny_model, demo_files, base_env):
     out = tmp_path / "run"
-    proc = _start("mlm", out, tiny_model, demo_files, base_env, epochs=3)
+    proc = _start("mlm", out, tiny_model, demo_files, base_env, epochs=3, launcher=launcher)
     pids = _rank_pids(proc, 2)
     _wait_for_step(out, 5, proc)
     for pid in pids if who == "all" else pids[1:]:
@@ -129,7 +137,7 @@ def test_stop_signal_saves_one_agreed_step_then_resume(sig, who, tmp_path, tiny_
     shards = {p.name for p in (out / "checkpoints" / tag).glob("*optim_states.pt")}
     assert len(shards) == 2  # both ranks saved the same step
     resumed = run_cli("mlm.py", _args("mlm", out, tiny_model, demo_files, "ds_configs/zero2_auto.json", epochs=3,
-                                      extra=["--save_steps", "0"]), base_env, ranks=2, launcher="deepspeed")
+                                      extra=["--save_steps", "0"]), base_env, ranks=2, launcher="fork")
     assert_ok(resumed)
     losses, _ = _losses(out)
     assert sorted(losses) == list(range(1, max(losses) + 1)) and f"at step {step}" in resumed.stdout
@@ -150,7 +158,7 @@ def test_kill_9_of_one_rank_ends_the_job_and_resume_works(tmp_path, tiny_model, 
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     # epoch-end checkpoints exist (save_steps 0); the rerun continues from the last complete one
     resumed = run_cli("mlm.py", _args("mlm", out, tiny_model, demo_files, "ds_configs/zero2_auto.json", epochs=3,
-                                      extra=["--save_steps", "0"]), base_env, ranks=2, launcher="deepspeed")
+                                      extra=["--save_steps", "0"]), base_env, ranks=2, launcher="fork")
     assert_ok(resumed)
     print(f"kill -9: job exited {waited:.1f}s after the kill")
 
@@ -158,12 +166,12 @@ def test_kill_9_of_one_rank_ends_the_job_and_resume_works(tmp_path, tiny_model, 
 def test_kill_during_save_keeps_latest_valid(tmp_path, tiny_model, demo_files, base_env):
     out = tmp_path / "run"
     args = _args("mlm", out, tiny_model, demo_files, "ds_configs/zero3_auto.json", epochs=1, extra=["--save_steps", "2"])
-    crashed = run_cli("mlm.py", args, _env(base_env, "kill=save:1:4"), ranks=2, launcher="deepspeed")
+    crashed = run_cli("mlm.py", args, _env(base_env, "kill=save:1:4"), ranks=2, launcher="fork")
     assert crashed.returncode != 0
     assert _latest(out) == "step0000002"
     assert (out / "checkpoints" / "step0000004").is_dir()  # partly written, never pointed to
     assert not (out / "checkpoints" / "step0000004" / "dapt_state.json").exists()
-    resumed = run_cli("mlm.py", args, base_env, ranks=2, launcher="deepspeed")
+    resumed = run_cli("mlm.py", args, base_env, ranks=2, launcher="fork")
     assert_ok(resumed)
     assert "at step 2" in resumed.stdout
 
@@ -173,7 +181,7 @@ def test_kill_during_save_keeps_latest_valid(tmp_path, tiny_model, demo_files, b
 def test_resume_on_another_world_size(ds, before, after, tmp_path, tiny_model, demo_files, base_env):
     out = tmp_path / "run"
     args = _args("mlm", out, tiny_model, demo_files, ds, epochs=2, extra=["--keep_last", "50"])
-    launcher = lambda n: ("deepspeed", n) if n > 1 else ("python", 1)  # noqa: E731
+    launcher = lambda n: ("fork", n)  # noqa: E731  (1 rank: plain `python`, no launcher environment)
     kind, n = launcher(before)
     first = run_cli("mlm.py", args, _env(base_env, "signal=train:0:9"), ranks=n, launcher=kind)
     assert first.returncode == EXIT_REQUEUE, first.stdout[-3000:] + first.stderr[-3000:]
@@ -200,12 +208,12 @@ def test_resume_on_another_world_size(ds, before, after, tmp_path, tiny_model, d
 def test_corrupt_or_missing_checkpoints_are_errors(tmp_path, tiny_model, demo_files, base_env):
     out = tmp_path / "run"
     args = _args("mlm", out, tiny_model, demo_files, "ds_configs/zero2_auto.json", epochs=1, extra=["--save_steps", "4"])
-    assert_ok(run_cli("mlm.py", args, base_env, ranks=2, launcher="deepspeed"))
+    assert_ok(run_cli("mlm.py", args, base_env, ranks=2, launcher="fork"))
     ck = out / "checkpoints"
     tag = _latest(out)
 
     def error(extra=()):
-        proc = run_cli("mlm.py", [*args, *extra], base_env)
+        proc = run_cli("mlm.py", [*args, *extra], base_env, launcher="fork")
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
         lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("dapt: error:")]
         assert len(lines) == 1

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, assert_ok
+from ranks import run as run_forked
 
 from dapt.commands import pipeline as pipeline_cmd
 from dapt.commands import summarize as summarize_cmd
@@ -321,10 +322,10 @@ finetune:
 def test_pipeline_two_seed_sweep(tmp_path, tiny_model, base_env):
     out = tmp_path / "sweep"
     recipe = tiny_recipe(tmp_path / "tiny.yaml", tiny_model)
-    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "pipeline.py"), "--demo",
-                           "--config", str(recipe), "--output_dir", str(out), "--num_gpus", "1",
-                           "--seeds", "1", "2", "--learning_rates", "1e-3"],
-                          env=base_env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    # the pipeline for real; its five stage jobs as forked ranks (the deepspeed launcher's own tests are elsewhere)
+    proc = run_forked([str(ROOT / "launch" / "pipeline.py"), "--demo",
+                       "--config", str(recipe), "--output_dir", str(out), "--num_gpus", "1",
+                       "--seeds", "1", "2", "--learning_rates", "1e-3"], base_env, timeout=600, fork_stages=True)
     assert_ok(proc)
     sweep = SweepLayout(out)
     assert sweep.mlm().model.is_dir() and not (out / "mlm-seed1").exists()  # one shared MLM stage

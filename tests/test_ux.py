@@ -15,6 +15,8 @@ import pytest
 import torch
 import yaml
 from conftest import ROOT, assert_ok, run_cli
+from ranks import ForkedJob
+from ranks import run as run_forked
 
 pytestmark = pytest.mark.ux
 
@@ -98,15 +100,15 @@ def run(tmp_path_factory, tiny_model, demo_files, wandb_env):
             "--effective_batch_size", "16", "--micro_batch_size", "4", "--logging_steps", "2", "--seed", "1",
             "--save_steps", "2"]
     # SIGUSR1 on rank 0 at step 5: the job saves and exits 75; the same command then resumes it.
-    first = run_cli("finetune.py", args, {**env, "DAPT_FAULT": "signal=train:0:5"}, ranks=2, launcher="deepspeed")
+    first = run_cli("finetune.py", args, {**env, "DAPT_FAULT": "signal=train:0:5"}, ranks=2, launcher="fork")
     assert first.returncode == 75, first.stdout[-3000:] + first.stderr[-3000:]
     first_id = (out / "wandb_run_id").read_text().strip()
-    second = run_cli("finetune.py", args, env, ranks=2, launcher="deepspeed")
+    second = run_cli("finetune.py", args, env, ranks=2, launcher="fork")
     assert_ok(second)
     eval_dir = out.parent / "eval"
     evaluated = run_cli("evaluate.py", ["--model_name_or_path", out, "--data_files", demo_files["test"],
                                         "--output_dir", eval_dir, "--eval_batch_size", "8"], env, ranks=2,
-                        launcher="deepspeed")
+                        launcher="fork")
     assert_ok(evaluated)
     return {"out": out, "eval_dir": eval_dir, "wandb_dir": wdir, "first_id": first_id, "first": first,
             "second": second, "evaluated": evaluated, "test_file": demo_files["test"]}
@@ -214,7 +216,7 @@ def test_several_sets_predictions_and_concurrent_evaluations_keep_every_result(r
     out = tmp_path / "eval"
     proc = run_cli("evaluate.py", ["--model_name_or_path", model, "--eval_sets", f"demo={demo_files['test']}",
                                    f"other={other}", "--save_predictions", "--output_dir", out,
-                                   "--eval_batch_size", "4"], base_env, ranks=2, launcher="deepspeed")
+                                   "--eval_batch_size", "4"], base_env, ranks=2, launcher="fork")
     assert_ok(proc)
     demo, oth = (json.loads((out / f"eval_results-{n}.json").read_text()) for n in ("demo", "other"))
     assert (demo["set"], demo["n_examples"], oth["set"], oth["n_examples"]) == ("demo", 37, "other", 23)
@@ -226,9 +228,8 @@ def test_several_sets_predictions_and_concurrent_evaluations_keep_every_result(r
     correct = sum(p["label"] == p["predicted"] for p in preds)
     assert correct == oth["confusion_matrix"][0][0] + oth["confusion_matrix"][1][1]
     # two jobs at once on the same model, each with its own set: the card ends with all four entries
-    jobs = [subprocess.Popen([sys.executable, str(ROOT / "launch" / "evaluate.py"), "--model_name_or_path", model,
-                              "--data_files", other, "--eval_name", name, "--output_dir", tmp_path / name],
-                             env=base_env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    jobs = [ForkedJob(["-m", "dapt", "evaluate", "--model_name_or_path", str(model), "--data_files", str(other),
+                       "--eval_name", name, "--output_dir", str(tmp_path / name)], base_env, 1)
             for name in ("job-a", "job-b")]
     for job in jobs:
         stdout, stderr = job.communicate(timeout=300)
@@ -239,14 +240,14 @@ def test_several_sets_predictions_and_concurrent_evaluations_keep_every_result(r
     assert {r["dataset"]["name"] for r in front["model-index"][0]["results"]} == sets
     # evaluating a set again replaces only that set's entry
     again = run_cli("evaluate.py", ["--model_name_or_path", model, "--data_files", other, "--eval_name", "job-a",
-                                    "--output_dir", tmp_path / "again"], base_env)
+                                    "--output_dir", tmp_path / "again"], base_env, launcher="fork")
     assert_ok(again)
     assert {p.stem for p in (model / "results").glob("*.json")} == sets
 
 
 def test_export_command_writes_a_card_before_evaluation(run, tmp_path, base_env):
     # launch/export.py on the same run: card without eval numbers yet (says how to get them)
-    assert_ok(run_cli("export.py", ["--checkpoint", run["out"], "--output_dir", tmp_path / "m"], base_env))
+    assert_ok(run_cli("export.py", ["--checkpoint", run["out"], "--output_dir", tmp_path / "m"], base_env, launcher="fork"))
     card = (tmp_path / "m" / "README.md").read_text()
     assert "Not evaluated on a test set yet" in card and "model-index" not in card
 
@@ -274,7 +275,7 @@ def test_mlm_card_and_lineage(tmp_path):
 
 # --- report ---------------------------------------------------------------------------------------
 
-def test_report_plots_and_summary(run, tmp_path):
+def test_report_plots_and_summary(run, tmp_path, base_env):
     # a pipeline-shaped directory (dapt/layout.py): finetune/ (a stage) and eval/eval_results.json
     from dapt.layout import RunLayout
 
@@ -283,8 +284,7 @@ def test_report_plots_and_summary(run, tmp_path):
     layout.eval.root.mkdir(parents=True)
     layout.finetune.root.symlink_to(run["out"], target_is_directory=True)
     layout.eval.results.write_bytes((run["eval_dir"] / "eval_results.json").read_bytes())
-    proc = subprocess.run([sys.executable, "-m", "dapt", "report", str(pipe)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
+    proc = run_forked(["-m", "dapt", "report", str(pipe)], base_env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     # it says what it wrote, one path a line (not a Python dict)
     assert proc.stdout.splitlines()[0] == f"report written to {pipe / 'report'}:"
@@ -327,8 +327,7 @@ def _reference(model_dir: Path, texts: list[str]) -> list[tuple[str, float]]:
 
 
 def _predict(args, env, stdin=None):
-    return subprocess.run([sys.executable, "-m", "dapt", "predict", *map(str, args)], cwd=ROOT, env=env,
-                          input=stdin, capture_output=True, text=True, timeout=120)
+    return run_forked(["-m", "dapt", "predict", *map(str, args)], env, stdin=stdin, timeout=120)
 
 
 def test_predict_matches_training_truncation_from_args_file_and_stdin(run, base_env, tmp_path):
@@ -437,7 +436,7 @@ def test_wandb_mode_resolution():
 
 
 def test_bad_wandb_settings_are_one_line_errors(base_env, tmp_path):
-    proc = run_cli("finetune.py", ["--output_dir", tmp_path / "x", "--wandb_mode", "sometimes"], base_env)
+    proc = run_cli("finetune.py", ["--output_dir", tmp_path / "x", "--wandb_mode", "sometimes"], base_env, launcher="fork")
     assert proc.returncode == 2 and proc.stderr.strip() == (
         "dapt: error: wandb_mode must be one of auto, online, offline, disabled, got 'sometimes'")
     assert not (tmp_path / "x").exists()

@@ -58,16 +58,19 @@ def _parse_inf_steps(spec: str) -> tuple[list[tuple[int, float]], int | None]:
 
 def _patch_engine(module) -> None:
     cls = getattr(module, "DeepSpeedEngine", None)
-    spec = os.environ.get("DAPT_TEST_FP16_INF_GRAD", "")
-    if cls is None or not spec or getattr(cls, "_dapt_test_inf_grad_patched", False):
+    if cls is None or getattr(cls, "_dapt_test_inf_grad_patched", False):
         return
-    ranges, only_rank = _parse_inf_steps(spec)
     real_backward = cls.backward
 
     def backward(self, loss, *args, **kwargs):
-        step = int(self.global_steps) + 1  # the optimizer step this backward contributes to
-        if any(lo <= step <= hi for lo, hi in ranges) and (only_rank is None or self.global_rank == only_rank):
-            loss = loss * float("inf")
+        # read at each call, not at import: ranks forked from a process that imported DeepSpeed before
+        # their environment was set (tests/ranks.py) see their own value
+        spec = os.environ.get("DAPT_TEST_FP16_INF_GRAD", "")
+        if spec:
+            ranges, only_rank = _parse_inf_steps(spec)
+            step = int(self.global_steps) + 1  # the optimizer step this backward contributes to
+            if any(lo <= step <= hi for lo, hi in ranges) and (only_rank is None or self.global_rank == only_rank):
+                loss = loss * float("inf")
         return real_backward(self, loss, *args, **kwargs)
 
     cls.backward = backward
