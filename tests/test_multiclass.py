@@ -209,12 +209,12 @@ def trained(tmp_path_factory, tiny_model, topic_files, base_env):
                                  "--output_dir", out, "--ds_config", "ds_configs/zero2_auto.json",
                                  "--max_seq_length", "48", "--head_tokens", "16", "--num_epochs", "3",
                                  "--learning_rate", "3e-3", "--effective_batch_size", "16", "--micro_batch_size", "8",
-                                 "--validation_split", "0.1", "--seed", "3"], base_env)
+                                 "--validation_split", "0.1", "--seed", "3"], base_env, launcher="fork")
     assert_ok(ft)
     eval_dir = out.parent / "eval"
     ev = run_cli("evaluate.py", ["--model_name_or_path", out, "--eval_sets", f"names={topic_files['test']}",
                                  f"ids={topic_files['test_ids']}", "--output_dir", eval_dir, "--eval_batch_size", "4",
-                                 "--save_predictions"], base_env, ranks=2, launcher="torchrun")
+                                 "--save_predictions"], base_env, ranks=2, launcher="fork")
     assert_ok(ev)
     return {"out": out, "model": out / "model", "eval_dir": eval_dir, "finetune": ft, "evaluate": ev}
 
@@ -295,7 +295,7 @@ def test_test_labels_outside_the_models_classes_are_one_line(trained, base_env, 
     bad = tmp_path / "bad.csv"
     bad.write_text("text,label\nrain all week,World\nstorms ahead,Weather\n")
     proc = run_cli("evaluate.py", ["--model_name_or_path", trained["model"], "--data_files", bad,
-                                   "--output_dir", tmp_path / "e"], base_env)
+                                   "--output_dir", tmp_path / "e"], base_env, launcher="fork")
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("dapt: error:")]
     assert len(lines) == 1 and "Traceback" not in proc.stderr
