@@ -3,6 +3,7 @@ under the deepspeed launcher (`--local_rank`), under torchrun (environment-based
 ranks (tests/ranks.py: the same environment, imports shared), then exact evaluation and export round
 trips."""
 import json
+import os
 
 import pytest
 import torch
@@ -216,3 +217,24 @@ def test_sparse_mlm_head_equals_the_dense_head_and_packing_can_be_off(tmp_path, 
     assert sparse.keys() == dense.keys() and max(abs(sparse[s] - dense[s]) for s in sparse) < 1e-4
     unpacked = [r for r in runs["unpacked"].values() if "eval_loss" in r]
     assert unpacked and 0 < unpacked[-1]["eval_loss"] < 11
+
+
+def test_pipeline_stage_under_the_real_deepspeed_launcher_stops_the_pipeline_on_failure(tmp_path, base_env,
+                                                                                        monkeypatch, capfd):
+    """dapt.jobs.pipeline.run_job as the pipeline calls it, with the real `deepspeed` launcher (the pipeline
+    tests run their stages as forked ranks): 2 ranks of `python -m dapt export` from the caller's directory,
+    a stage that fails (no checkpoint) ends the pipeline with the stage's exit code."""
+    from dapt.errors import DaptError
+    from dapt.jobs.pipeline import run_job
+
+    monkeypatch.chdir(tmp_path)
+    for key in list(os.environ):
+        monkeypatch.delenv(key)
+    for key, value in base_env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(DaptError, match="dapt export failed with exit code 2"):
+        run_job("export", 2, ["--checkpoint", "nothing", "--output_dir", "exported"])
+    out, err = capfd.readouterr()
+    assert "--module dapt export --checkpoint nothing" in out  # the command, as the pipeline prints it
+    assert "dapt: error: checkpoint not found" in err, err[-3000:]  # the rank's own one line, passed through
+    assert not (tmp_path / "exported").exists()
