@@ -167,6 +167,14 @@ class MLMConfig(TrainConfig):
                                         "together, so a word is never predicted from its own visible pieces (BERT's "
                                         "WWM models); false: each piece is chosen on its own, as the reference "
                                         "recipe")
+    head_warmup_steps: float = flag(0, "for a checkpoint published without its MLM head (a sentence encoder, a "
+                                       "distilled encoder: the load says which head tensors are new): the first "
+                                       "optimizer steps train only the head's own weights (transform dense, "
+                                       "LayerNorm, output bias) with the encoder and the word embeddings (the tied "
+                                       "decoder) frozen, then everything; >= 1 a number of optimizer steps, in (0, 1) "
+                                       "a fraction of all steps, 0 = off. The steps are part of the one learning-rate "
+                                       "schedule (--warmup counts them too); the held-out loss is logged at the "
+                                       "switch")
 
 
 @dataclass
@@ -301,7 +309,22 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse that reports a bad flag as one DaptError line instead of usage + message."""
 
     def error(self, message: str) -> typing.NoReturn:
-        raise DaptError(f"{self.prog}: {message}")
+        raise DaptError(f"{self.prog}: {message}{other_stages_note(message)}")
+
+
+def other_stages_note(message: str) -> str:
+    """For an unrecognised flag that another stage has (e.g. mlm's --head_warmup_steps given to finetune):
+    which stage it belongs to."""
+    if not message.startswith("unrecognized arguments:"):
+        return ""
+    notes = []
+    for token in message.split(":", 1)[1].split():
+        name = token.split("=", 1)[0].removeprefix("--")
+        owners = [stage for stage, cls in STAGE_CONFIGS.items() if token.startswith("--")
+                  and name in {f.name for f in dataclasses.fields(cls)}]
+        if owners:
+            notes.append(f"--{name} is an option of {' and '.join(owners)} only")
+    return f" ({'; '.join(notes)})" if notes else ""
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -494,6 +517,9 @@ def _validate_training(cfg: TrainConfig) -> None:
     _choice(cfg, "progress")
     if isinstance(cfg, MLMConfig):
         _range(cfg, "mlm_probability", 0, 1, low_open=True)
+        if cfg.head_warmup_steps < 0 or (1 <= cfg.head_warmup_steps and not float(cfg.head_warmup_steps).is_integer()):
+            raise DaptError("head_warmup_steps must be a step count (>= 1), a fraction in (0, 1) or 0 (off), "
+                            f"got {cfg.head_warmup_steps:g}")
     _choice(cfg, "select_best", " for this stage")
     _range(cfg, "early_stopping_patience", 0, note=" (0 = off)")
     if cfg.early_stopping_patience and cfg.select_best == "none":
@@ -566,6 +592,15 @@ def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
     if cfg.warmup >= 1:
         return int(cfg.warmup)
     return int(round(cfg.warmup * total_steps))
+
+
+def head_warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
+    """The head_warmup_steps field read as steps (>= 1) or as a fraction of all steps (< 1; at least one
+    step); 0: off (and for stages without the field)."""
+    value = getattr(cfg, "head_warmup_steps", 0)
+    if value >= 1 or value == 0:
+        return int(value)
+    return max(1, int(value * total_steps))
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -23,7 +23,7 @@ import deepspeed
 import torch
 from deepspeed.accelerator import get_accelerator
 
-from dapt.config import TrainConfig, to_dict, warmup_steps
+from dapt.config import TrainConfig, head_warmup_steps, to_dict, warmup_steps
 from dapt.data.batching import make_loader, steps_per_epoch, to_device, train_batches
 from dapt.distributed import (
     DistInfo,
@@ -54,6 +54,7 @@ from dapt.train.engine import (
     zero_stage,
 )
 from dapt.train.batch_plan import BatchPlan, plan_batch
+from dapt.train.head_warmup import HeadWarmup
 from dapt.train.optim import choose_optimizer, make_optimizer
 from dapt.train.selection import Selection
 from dapt.train.tasks import Stage, Task
@@ -202,6 +203,11 @@ class Trainer:
         self.task: Task = self.stage.build_task(cfg, info, self.tokenizer)
         self.per_epoch = steps_per_epoch(self.task.n_train, cfg.effective_batch_size)
         self.total_steps = self.per_epoch * cfg.num_epochs
+        self.head_warmup = head_warmup_steps(cfg, self.total_steps)
+        if self.head_warmup >= self.total_steps:
+            raise DaptError(f"head_warmup_steps {cfg.head_warmup_steps:g} is {self.head_warmup} optimizer steps, not "
+                            f"fewer than the run's {self.total_steps} ({self.per_epoch} steps/epoch x "
+                            f"{cfg.num_epochs} epochs): the encoder would never train")
         if self.batch is None or self.batch.world_size != info.world_size:  # only the MPI library knew it
             self.batch = plan_batch(cfg.effective_batch_size, cfg.micro_batch_size, info.world_size)
         if self.batch.shrunk and info.is_main:
@@ -216,11 +222,23 @@ class Trainer:
         # The same seed on every rank: newly initialised weights (a new head) must be identical on all
         # ranks, and two runs of one config must be the same run.
         set_seed(cfg.seed)
-        model = self.stage.load_model(cfg, self.model_path)
+        model, self.head_report = self.stage.load_model(cfg, self.model_path)
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(model)
-        optimizer, self.optimizer_name = make_optimizer(cfg, param_groups(model, cfg.weight_decay), info.device.type,
-                                                        offloads_optimizer(self.ds_cfg))
+        head = self.head_report.head if self.head_warmup and self.head_report else None
+        if self.head_warmup and not head:
+            raise DaptError(f"head_warmup_steps: {type(model).__name__} has no head parameters apart from its "
+                            "base model to warm up")
+        optimizer, self.optimizer_name = make_optimizer(cfg, param_groups(model, cfg.weight_decay, head),
+                                                        info.device.type, offloads_optimizer(self.ds_cfg))
+        # The encoder and embeddings frozen for the first head_warmup steps (None: no warm-up).
+        self.warmup: HeadWarmup | None = None
+        if head:
+            self.warmup = HeadWarmup(self.head_warmup, [p for n, p in model.named_parameters()
+                                                        if n not in head and p.requires_grad])
+            self.warmup.wrap(optimizer)
+        if info.is_main and resume_from is None:
+            self.report_head()
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_cfg)
         self.ckpts = ckpt.CheckpointManager(self.layout.checkpoints, info, cfg.keep_last, cfg.pin_checkpoints,
                                             self.write_meta)
@@ -232,9 +250,27 @@ class Trainer:
             self.restore(resume_from, same_world=saved_world == info.world_size)
         self.log = self.open_log(resume_from) if info.is_main else MetricsLog(None)
 
+    def report_head(self) -> None:
+        """One line when the MLM head is new or warmed up: which tensors, and what happens to them."""
+        report, steps = self.head_report, self.head_warmup
+        line = report.line() if report else None
+        if steps:
+            tied = " (and so the tied decoder)" if report.tied_decoder else ""
+            line = f"{line or 'mlm head: loaded from the checkpoint'}; head warm-up: steps 1-{steps} train only " \
+                   f"the head, the encoder and word embeddings{tied} stay frozen until then"
+        elif line:
+            line += "; --head_warmup_steps N would train it alone first"
+        if line:
+            print(line, flush=True)
+
     def restore(self, tag_dir: Path, same_world: bool) -> None:
-        pos = self.ckpts.load(self.engine, tag_dir, same_world)
         cfg = self.cfg
+        saved_warmup = ckpt.read_state(tag_dir).get("head_warmup_steps", 0)
+        if saved_warmup != self.head_warmup:  # the phase of each step, and the optimizer's groups, differ
+            raise DaptError(f"checkpoint {tag_dir} was trained with {saved_warmup} head warm-up steps; this run "
+                            f"has {self.head_warmup} (head_warmup_steps {cfg.head_warmup_steps:g}): resume with "
+                            "the same value or start a new run")
+        pos = self.ckpts.load(self.engine, tag_dir, same_world)
         if (pos.effective_batch_size, pos.seed) != (cfg.effective_batch_size, cfg.seed):
             raise DaptError(f"checkpoint {tag_dir} was trained with effective_batch_size "
                             f"{pos.effective_batch_size} and seed {pos.seed}; this run has "
@@ -257,7 +293,9 @@ class Trainer:
         run_config = {"dapt_version": __version__, "stage": self.task.arch, "config": to_dict(cfg),
                       "deepspeed": self.ds_cfg, "world_size": self.info.world_size, "batch": self.batch.as_dict(),
                       "device": str(self.info.device), "precision": self.precision, "optimizer": self.optimizer_name,
-                      "model": self.model_path}
+                      "model": self.model_path,
+                      **({"mlm_head": self.head_report.as_dict()} if self.head_report else {}),
+                      **({"head_warmup_steps": self.head_warmup} if self.head_warmup else {})}
         dump_json(run_config, layout.run_config)
         total, warmup = self.total_steps, warmup_steps(cfg, self.total_steps)
         if warmup > total:
@@ -268,6 +306,7 @@ class Trainer:
               f"x {self.info.world_size} rank(s) = {cfg.effective_batch_size}; warmup "
               f"{self.ds_cfg['scheduler']['params']['warmup_num_steps']} steps; ZeRO-{zero_stage(self.ds_cfg)} "
               f"{self.precision} on {self.info.device} ({self.info.backend}), {self.optimizer_name}"
+              + (f"; head warm-up {self.head_warmup} steps" if self.head_warmup else "")
               + (f"; resumed from {resume_from} at step {self.position.step}" if resume_from else ""), flush=True)
         if resume_from is None:
             fresh_start(out)  # a new run gets a new W&B run; a resumed one continues its own
@@ -332,7 +371,9 @@ class Trainer:
             if pos.step_in_epoch == self.per_epoch:
                 break  # the epoch-end evaluation and checkpoint follow
             saved = False
-            if cfg.eval_steps and pos.step % cfg.eval_steps == 0 and self.evaluate(progress) and self.selection.enabled:
+            switch = self.warmup is not None and self.warmup.done_at(pos.step)  # the held-out loss of the head alone
+            if ((cfg.eval_steps and pos.step % cfg.eval_steps == 0) or switch) and self.evaluate(progress) \
+                    and self.selection.enabled:
                 self.save()  # every candidate for the best step gets its checkpoint (with the selection state)
                 saved = True
                 if self.selection.stopped_early:
@@ -352,6 +393,8 @@ class Trainer:
         """Forward and backward of each micro-batch; DeepSpeed steps the optimizer after the last one.
         `counts`: each micro-batch's loss targets, `total_targets` the step's over all ranks (step_sync)."""
         task, info, engine, w = self.task, self.info, self.engine, self.window
+        if self.warmup is not None:
+            self.warmup.set_position(self.position.step)  # the position decides the phase: resume-exact
         norm = None
         if task.global_loss_norm:
             # Every target weighs the same, whichever rank or micro-batch it is in (DeepSpeed averages
@@ -422,11 +465,16 @@ class Trainer:
         start = time.perf_counter()
         metrics = self.task.evaluate(self.engine, self.info)
         self.engine.train()
-        if not metrics:
-            return None
         step = self.position.step
+        switch = self.warmup is not None and self.warmup.done_at(step)
+        if not metrics:
+            if switch and self.info.is_main:
+                print(f"[{self.task.arch}] head warm-up done after step {step} (no held-out data to evaluate); the "
+                      "encoder and embeddings train from the next step", flush=True)
+            return None
         record = {"step": step, "epoch": round(epoch, 4), **{f"eval_{k}": v for k, v in metrics.items()},
-                  "eval_seconds": round(time.perf_counter() - start, 3)}
+                  "eval_seconds": round(time.perf_counter() - start, 3),
+                  **({"head_warmup_end": True} if switch else {})}
         self.state.history.append(record)
         if self.selection.enabled:
             previous = self.selection.best_step
@@ -436,6 +484,10 @@ class Trainer:
                 self.ckpts.pin(ckpt.tag_for(step))
         self.log.write(record, f"eval @ step {step}: " + " ".join(
             f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+        if switch and self.info.is_main:
+            loss = metrics.get("loss", float("nan"))
+            print(f"[{self.task.arch}] head warm-up done after step {step}: held-out loss {loss:.4f} with the "
+                  "head trained alone; the encoder and embeddings train from the next step", flush=True)
         return record
 
     def stop_if_agreed(self, signum: int) -> None:
@@ -447,7 +499,8 @@ class Trainer:
             raise StopRequested(signum, self.position.step)
 
     def save(self) -> Path:
-        extra = {"selection": self.selection.state_dict()} if self.selection.enabled else None
+        extra = {**({"selection": self.selection.state_dict()} if self.selection.enabled else {}),
+                 **({"head_warmup_steps": self.head_warmup} if self.head_warmup else {})} or None
         path = self.ckpts.save(self.engine, self.position, extra)
         self.saved_step = self.position.step
         return path

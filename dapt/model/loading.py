@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -68,10 +69,62 @@ def load_tokenizer(name: str) -> Any:
 
 def load_mlm_model(name: str, attn_implementation: str = "sdpa") -> Any:
     """`attn_implementation` is dapt's setting (config.ATTN_IMPLEMENTATIONS)."""
+    return load_mlm_model_and_head(name, attn_implementation)[0]
+
+
+@dataclass
+class HeadReport:
+    """What loading found of the MLM head: its own tensors (those outside the base model: for BERT the
+    transform dense and LayerNorm and the output bias) and which of them the checkpoint lacked."""
+
+    head: list[str]  # the head's own parameters (the decoder weight, when tied, is the word embeddings')
+    new: list[str]  # those newly initialised (random weights): not in the checkpoint
+    tied_decoder: bool  # the decoder weight is the word-embedding matrix
+
+    def line(self) -> str | None:
+        """One line for the log when part of the head is new; None when the checkpoint had it all."""
+        if not self.new:
+            return None
+        tied = "; the decoder is tied to the word embeddings" if self.tied_decoder else ""
+        count = f"{len(self.new)} tensor{'s' if len(self.new) != 1 else ''}"
+        return f"mlm head: {count} newly initialised ({summarise_names(self.new)}){tied}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"new_tensors": self.new, "head_tensors": self.head, "decoder_tied_to_embeddings": self.tied_decoder}
+
+
+def summarise_names(names: list[str]) -> str:
+    """Dotted names grouped by their module, in order: a.b.{weight,bias}, a.c.bias."""
+    groups: dict[str, list[str]] = {}
+    for n in names:
+        module, _, leaf = n.rpartition(".")
+        groups.setdefault(module, []).append(leaf)
+    return ", ".join(f"{m}.{leaves[0]}" if len(leaves) == 1 else f"{m}.{{{','.join(leaves)}}}"
+                     for m, leaves in groups.items()) if names else ""
+
+
+def head_parameter_names(model: Any) -> list[str]:
+    """The MLM head's own parameters: those outside the base model (BERT: cls.predictions.*, except the
+    decoder weight when it is tied to the word embeddings, which belong to the base model)."""
+    base = {id(p) for p in model.base_model.parameters()}
+    return [n for n, p in model.named_parameters() if id(p) not in base]
+
+
+def load_mlm_model_and_head(name: str, attn_implementation: str = "sdpa") -> tuple[Any, HeadReport]:
+    """The MLM model and what its checkpoint held of the head. transformers only warns "newly initialized";
+    a sentence encoder (e.g. all-MiniLM-L6-v2) or a distilled encoder ships no MLM head at all, and the
+    head it gets is random."""
     from transformers import AutoModelForMaskedLM
 
-    return _load("model", name, AutoModelForMaskedLM.from_pretrained,
-                 attn_implementation=hf_attn_implementation(attn_implementation))
+    model, info = _load("model", name, AutoModelForMaskedLM.from_pretrained, output_loading_info=True,
+                        attn_implementation=hf_attn_implementation(attn_implementation))
+    by_name = dict(model.named_parameters(remove_duplicate=False))  # tied tensors under each of their names
+    missing = {id(by_name[k]) for k in info.get("missing_keys", ()) if k in by_name}
+    head = head_parameter_names(model)
+    params = dict(model.named_parameters())
+    decoder, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    tied = decoder is not None and embeddings is not None and decoder.weight is embeddings.weight
+    return model, HeadReport(head=head, new=[n for n in head if id(params[n]) in missing], tied_decoder=tied)
 
 
 def load_classifier(name: str, attn_implementation: str = "sdpa", id2label: Mapping[int, str] | None = None) -> Any:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import random
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -20,6 +20,7 @@ from dapt.config import TrainConfig, warmup_steps
 from dapt.configs import find_ds_config
 from dapt.errors import DaptError
 from dapt.train.batch_plan import BatchPlan
+from dapt.train.head_warmup import FROZEN_KEY
 
 # Top-level keys that describe the engine and that DeepSpeed acts on by itself in dapt's loop.
 ENGINE_KEYS = {
@@ -192,14 +193,23 @@ def build_ds_config(cfg: TrainConfig, ds: dict[str, Any], path: str, plan: Batch
     return out
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """No weight decay on biases and LayerNorm weights (as BERT and HF Trainer do)."""
-    decay, no_decay = [], []
+def param_groups(model: torch.nn.Module, weight_decay: float,
+                 head: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """No weight decay on biases and LayerNorm weights (as BERT and HF Trainer do). With `head` (parameter
+    names; --head_warmup_steps): the head's parameters in groups of their own, the rest in groups marked
+    as frozen during the head warm-up (dapt/train/head_warmup.py); ZeRO flattens each group apart."""
+    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or "LayerNorm" in name or name.endswith(".bias") else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        decays = not (p.ndim < 2 or "LayerNorm" in name or name.endswith(".bias"))
+        frozen = head is not None and name not in head
+        groups.setdefault((frozen, decays), []).append(p)
+    order = [(False, True), (False, False)] if head is None else \
+        [(True, True), (True, False), (False, True), (False, False)]
+    return [{"params": groups.get(key, []), "weight_decay": weight_decay if key[1] else 0.0,
+             **({FROZEN_KEY: key[0]} if head is not None else {})}
+            for key in order if head is None or groups.get(key)]
 
 
 def precision_of(ds_cfg: dict[str, Any]) -> str:

@@ -18,7 +18,7 @@ from dapt.data.labels import id2label
 from dapt.data.mlm import MLMCollator, mlm_splits, word_continuations
 from dapt.distributed import DistInfo, all_reduce_sum
 from dapt.eval.scoring import score_classifier
-from dapt.model.loading import load_classifier, load_mlm_model
+from dapt.model.loading import HeadReport, load_classifier, load_mlm_model_and_head
 from dapt.model.surgery import SparseMLMOutput, cls_only_last_layer, use_sparse_head
 
 Batch = dict[str, torch.Tensor]
@@ -151,20 +151,22 @@ class ClassificationTask:
 
 @dataclass(frozen=True)
 class Stage:
-    """A training stage: how to build its task and load its model (with its speed surgery)."""
+    """A training stage: how to build its task and load its model (with its speed surgery). `load_model`
+    also returns what loading found of the model's head (None: nothing to report), e.g. an MLM head that
+    the checkpoint lacked (dapt.model.loading.HeadReport)."""
 
     name: str
     build_task: Callable[[Any, DistInfo, Any], Task]
-    load_model: Callable[[Any, str], torch.nn.Module]
+    load_model: Callable[[Any, str], tuple[torch.nn.Module, HeadReport | None]]
 
 
 def build_mlm_task(cfg: MLMConfig, info: DistInfo, tokenizer: Any) -> MLMTask:
     return MLMTask(cfg, tokenizer, *mlm_splits(cfg, info, tokenizer))
 
 
-def load_mlm_for_training(cfg: MLMConfig, path: str) -> torch.nn.Module:
-    model = load_mlm_model(path, cfg.attn_implementation)
-    return use_sparse_head(model) if cfg.sparse_mlm_head else model
+def load_mlm_for_training(cfg: MLMConfig, path: str) -> tuple[torch.nn.Module, HeadReport]:
+    model, head = load_mlm_model_and_head(path, cfg.attn_implementation)
+    return (use_sparse_head(model) if cfg.sparse_mlm_head else model), head
 
 
 def build_classification_task(cfg: FinetuneConfig, info: DistInfo, tokenizer: Any) -> ClassificationTask:
@@ -174,9 +176,9 @@ def build_classification_task(cfg: FinetuneConfig, info: DistInfo, tokenizer: An
     return ClassificationTask(cfg, tokenizer, train, val)
 
 
-def load_classifier_for_training(cfg: FinetuneConfig, path: str) -> torch.nn.Module:
+def load_classifier_for_training(cfg: FinetuneConfig, path: str) -> tuple[torch.nn.Module, None]:
     model = load_classifier(path, cfg.attn_implementation, id2label(cfg.label_names))
-    return cls_only_last_layer(model) if cfg.cls_only_last_layer else model
+    return (cls_only_last_layer(model) if cfg.cls_only_last_layer else model), None
 
 
 MLM = Stage("mlm", build_mlm_task, load_mlm_for_training)
