@@ -99,8 +99,8 @@ def summarise_names(names: list[str]) -> str:
     for n in names:
         module, _, leaf = n.rpartition(".")
         groups.setdefault(module, []).append(leaf)
-    return ", ".join(f"{m}.{leaves[0]}" if len(leaves) == 1 else f"{m}.{{{','.join(leaves)}}}"
-                     for m, leaves in groups.items()) if names else ""
+    return ", ".join((f"{m}." if m else "") + (leaves[0] if len(leaves) == 1 else f"{{{','.join(leaves)}}}")
+                     for m, leaves in groups.items())
 
 
 def head_parameter_names(model: Any) -> list[str]:
