@@ -19,7 +19,7 @@ The package model has no MLM head (a sentence-embedding checkpoint): its "before
 randomly initialised head transform over the pretrained (tied) embeddings.
 
     .venv/bin/python benchmarks/dapt_gain.py [--seeds 1 2 3] [--whole_word_mask] [--mlm_learning_rate 1e-4]
-        [--unlabelled 3000] [--mlm_epochs 1] [--reuse_arm_a]
+        [--unlabelled 3000] [--mlm_epochs 1] [--head_warmup_steps 0.1] [--reuse_arm_a]
 """
 from __future__ import annotations
 
@@ -65,14 +65,16 @@ def sample(data: Path, out: Path, seed: int, labelled: int, unlabelled: int, tes
     return paths
 
 
-def run_mlm(paths: dict[str, Path], out: Path, ranks: int, epochs: int, lr: float, wwm: bool) -> None:
+def run_mlm(paths: dict[str, Path], out: Path, ranks: int, epochs: int, lr: float, wwm: bool,
+            head_warmup: float = 0) -> None:
     m = MLM
     run_logged([*deepspeed_command("mlm", ranks), "--model_name_or_path", MODEL, "--data_files", paths["unlabelled"],
                 "--output_dir", out, "--overwrite_output_dir", "--ds_config", "ds_configs/zero2_auto.json",
                 "--max_seq_length", m["max_seq_length"], "--num_epochs", epochs, "--effective_batch_size", m["batch"],
                 "--micro_batch_size", m["batch"] // ranks, "--learning_rate", lr, "--warmup", m["warmup"],
                 "--mlm_probability", m["mlm_probability"], "--whole_word_mask", str(wwm).lower(),
-                "--validation_split", "0", "--save_steps", "0", "--logging_steps", "20", "--seed", "0"],
+                "--validation_split", "0", "--save_steps", "0", "--logging_steps", "20", "--seed", "0",
+                "--head_warmup_steps", f"{head_warmup:g}"],
                out.parent / f"{out.name}.log")
 
 
@@ -171,6 +173,9 @@ def main() -> None:
     ap.add_argument("--mlm_epochs", type=int, default=1)
     ap.add_argument("--mlm_learning_rate", type=float, default=1e-4)
     ap.add_argument("--whole_word_mask", action="store_true")
+    ap.add_argument("--head_warmup_steps", type=float, default=0,
+                    help="arm B's MLM: train the new MLM head alone first (the package model ships none): steps, or "
+                         "a fraction in (0, 1) of the MLM steps; 0 = off")
     ap.add_argument("--reuse_arm_a", action="store_true",
                     help="read back arm A's finished runs in --out (same data, recipe and seed) instead of repeating them")
     args = ap.parse_args()
@@ -184,9 +189,11 @@ def main() -> None:
     # Arm B's variant: its MLM stage, runs and reports are named by it, so variants tried in one --out
     # sit side by side (and share arm A with --reuse_arm_a).
     tag = (f"lr{args.mlm_learning_rate:g}-e{args.mlm_epochs}-u{args.unlabelled}"
-           + ("-wwm" if args.whole_word_mask else ""))
+           + ("-wwm" if args.whole_word_mask else "")
+           + (f"-hw{args.head_warmup_steps:g}" if args.head_warmup_steps else ""))
     mlm_dir = args.out / f"mlm-{tag}"
-    run_mlm(paths, mlm_dir, args.ranks, args.mlm_epochs, args.mlm_learning_rate, args.whole_word_mask)
+    run_mlm(paths, mlm_dir, args.ranks, args.mlm_epochs, args.mlm_learning_rate, args.whole_word_mask,
+            args.head_warmup_steps)
     times["mlm_s"] = time.perf_counter() - start
     mlm = {"before": mlm_heldout_loss(MODEL, paths["heldout"], args.whole_word_mask),
            "after": mlm_heldout_loss(mlm_dir / "model", paths["heldout"], args.whole_word_mask)}
@@ -211,7 +218,8 @@ def main() -> None:
     (args.out / f"dapt_gain-{tag}.md").write_text(table + "\n")
     line = {"variant": tag, "labelled": args.labelled, "unlabelled": args.unlabelled, "n_test": args.test, "seeds": args.seeds,
             "mlm_epochs": args.mlm_epochs, "mlm_learning_rate": args.mlm_learning_rate,
-            "whole_word_mask": args.whole_word_mask, "recipe": RECIPE, "mlm_recipe": MLM,
+            "whole_word_mask": args.whole_word_mask, "head_warmup_steps": args.head_warmup_steps,
+            "recipe": RECIPE, "mlm_recipe": MLM,
             "per_seed": [{"seed": r["seed"], **{arm: {k: r[arm][k] for k in ("accuracy", "accuracy_ci", "f1_macro")}
                                                 for arm in ("A", "B")},
                           "diff": r["paired"]["diff"], "diff_ci": [r["paired"]["ci_low"], r["paired"]["ci_high"]],
