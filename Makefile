@@ -42,8 +42,11 @@ LOWEST       := .venv-lowest
 LOWEST_PIP   := $(LOWEST)/bin/pip --disable-pip-version-check -q
 LOWEST_TESTS ?= tests/test_attention.py tests/test_trainer.py tests/test_data.py tests/test_prepare.py \
 	tests/test_sources.py tests/test_config.py tests/test_exact_eval.py tests/test_wwm.py tests/test_cls_only.py \
-	tests/test_architecture.py
+	tests/test_architecture.py tests/test_plan.py
 LOWEST_DIST  ?= tests/test_pipeline_dist.py::test_mlm_zero2_two_ranks
+# Its own JIT cache: DeepSpeed's ops built from other sources in the shared ~/.cache/torch_extensions would be
+# rebuilt (or, mid-build, loaded half-way) by the next run of either venv.
+test-lowest: export TORCH_EXTENSIONS_DIR := $(abspath $(LOWEST))/torch_extensions
 test-lowest:
 	rm -rf $(LOWEST)
 	$(PYTHON) -m venv $(LOWEST)
