@@ -25,8 +25,9 @@ from dapt.train.tasks import MLM
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 EXIT_REQUEUE = 75
-NEW_HEAD = ("mlm head: 5 tensors newly initialised (cls.predictions.bias, cls.predictions.transform.dense.{weight,bias}, "
-            "cls.predictions.transform.LayerNorm.{weight,bias}); the decoder is tied to the word embeddings")
+NEW_HEAD = ("mlm head: 5 tensors newly initialised (cls.predictions.bias, "
+            "cls.predictions.transform.dense.{weight,bias}, cls.predictions.transform.LayerNorm.{weight,bias}); "
+            "the decoder is tied to the word embeddings")
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +51,22 @@ def world_of_one():
     info = setup_distributed()
     yield info
     shutdown()
+    forget_deepspeed_groups()
     os.environ.clear()
     os.environ.update(saved)
+
+
+def forget_deepspeed_groups() -> None:
+    """DeepSpeed caches the process groups it derives (deepspeed.utils.groups): a later world of one in this
+    process (tests/test_trainer.py) must not be handed those of the group just destroyed."""
+    from deepspeed.utils import groups
+    from torch.distributed import ProcessGroup
+
+    for name, value in list(vars(groups).items()):
+        if isinstance(value, ProcessGroup):
+            setattr(groups, name, None)
+        elif name.startswith("_") and name.endswith(("_GROUP", "_GROUP_RANKS")) and isinstance(value, dict):
+            value.clear()
 
 
 def mlm_cfg(out, model, demo_files, **kw) -> MLMConfig:

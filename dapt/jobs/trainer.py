@@ -219,6 +219,20 @@ class Trainer:
         if resume_from is not None and saved_world != info.world_size:
             resume_from = ckpt.to_universal(resume_from, info)  # re-partition ZeRO state for the new world size
             self.ds_cfg["checkpoint"] = {**self.ds_cfg.get("checkpoint", {}), "load_universal": True}
+        self.engine = self.build_engine(fresh=resume_from is None)
+        self.ckpts = ckpt.CheckpointManager(self.layout.checkpoints, info, cfg.keep_last, cfg.pin_checkpoints,
+                                            self.write_meta)
+        self.state = TrainState(ckpt.TrainPosition(world_size=info.world_size,
+                                                   effective_batch_size=cfg.effective_batch_size, seed=cfg.seed))
+        self.selection = Selection(cfg.select_best, cfg.early_stopping_patience)
+        self.saved_step = -1  # the step of the last checkpoint this job wrote or resumed from
+        if resume_from is not None:
+            self.restore(resume_from, same_world=saved_world == info.world_size)
+        self.log = self.open_log(resume_from) if info.is_main else MetricsLog(None)
+
+    def build_engine(self, fresh: bool) -> Any:
+        """The model (and what its checkpoint held of the head), the head warm-up, the optimizer, the engine."""
+        cfg, info = self.cfg, self.info
         # The same seed on every rank: newly initialised weights (a new head) must be identical on all
         # ranks, and two runs of one config must be the same run.
         set_seed(cfg.seed)
@@ -237,18 +251,10 @@ class Trainer:
             self.warmup = HeadWarmup(self.head_warmup, [p for n, p in model.named_parameters()
                                                         if n not in head and p.requires_grad])
             self.warmup.wrap(optimizer)
-        if info.is_main and resume_from is None:
+        if info.is_main and fresh:  # a resumed run's head comes from its checkpoint
             self.report_head()
-        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_cfg)
-        self.ckpts = ckpt.CheckpointManager(self.layout.checkpoints, info, cfg.keep_last, cfg.pin_checkpoints,
-                                            self.write_meta)
-        self.state = TrainState(ckpt.TrainPosition(world_size=info.world_size,
-                                                   effective_batch_size=cfg.effective_batch_size, seed=cfg.seed))
-        self.selection = Selection(cfg.select_best, cfg.early_stopping_patience)
-        self.saved_step = -1  # the step of the last checkpoint this job wrote or resumed from
-        if resume_from is not None:
-            self.restore(resume_from, same_world=saved_world == info.world_size)
-        self.log = self.open_log(resume_from) if info.is_main else MetricsLog(None)
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_cfg)
+        return engine
 
     def report_head(self) -> None:
         """One line when the MLM head is new or warmed up: which tensors, and what happens to them."""
