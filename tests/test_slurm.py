@@ -586,51 +586,69 @@ def test_deepspeed_multinode_launcher_carries_the_env_file(cluster, mpi_ready, t
 
 # --- two nodes (last: the cluster is restarted with n1, n2) ----------------------------------------
 
-@pytest.mark.slurm
-def test_two_nodes_four_ranks_and_hostfile(cluster, tmp_path, tiny_model, demo_files, base_env):
+@pytest.fixture(scope="module")
+def node_changes(cluster, tmp_path_factory, tiny_model, demo_files, base_env):
+    """The world size changes with the node count between two jobs: a ZeRO-3 run stopped on 1 node x 2 tasks
+    resumes on 2 nodes x 2 tasks, a ZeRO-2 run stopped on 2 x 2 resumes on 1 x 2. The 2 x 2 resume is also
+    the two-node, four-rank run of test_two_nodes_four_ranks_and_hostfile (one run, two tests' checks)."""
     cluster.ensure(2)
+    tmp_path = tmp_path_factory.mktemp("node_changes")
     start = time.time()
-    out = tmp_path / "mlm"
+    runs = {}
+    for ds, before, after in (("ds_configs/zero3_auto.json", 1, 2), ("ds_configs/zero2_auto.json", 2, 1)):
+        out = tmp_path / f"{Path(ds).stem}_{before}to{after}"
+        args = stage_args("mlm", out, demo_files, 1)
+        env = tiny_env(base_env, tiny_model, DAPT_DS_CONFIG=ds, DAPT_REQUEUE=0)
+        # mid-epoch: DAPT_FAULT makes rank 0 signal itself during step 5; the job saves it and exits 75
+        first = sbatch([*CPU_MODE, f"--nodes={before}", "--ntasks-per-node=2", SLURM / "mlm.sh", *args], tmp_path,
+                       {**env, "DAPT_FAULT": f"signal=train:0:{NODE_CHANGE_STOP - 1}"})
+        info = wait_job(first, 300)
+        assert info["ExitCode"] == "75:0", f"{info['JobState']} {info['ExitCode']}\n{log_of(first)[-4000:]}"
+        assert world_size(out) == 2 * before
+        assert (out / "checkpoints" / "latest").read_text().strip() == f"step{NODE_CHANGE_STOP:07d}"
+        log = assert_completed(sbatch([*CPU_MODE, f"--nodes={after}", "--ntasks-per-node=2", SLURM / "mlm.sh", *args],
+                                      tmp_path, env), timeout=300)
+        runs[(ds, before, after)] = {"out": out, "first_log": log_of(first), "log": log}
+    return runs, tmp_path, time.time() - start
+
+
+NODE_CHANGE_STOP = 5
+
+
+@pytest.mark.slurm
+def test_two_nodes_four_ranks_and_hostfile(cluster, node_changes, tmp_path, tiny_model, base_env):
+    """slurm/hostfile.sh on 2 nodes x 2 tasks, and a run of 4 ranks on 2 nodes: the ZeRO-3 job that resumes
+    on 2 x 2 (node_changes) trains its steps there."""
+    cluster.ensure(2)
+    runs, _, _ = node_changes
     env = tiny_env(base_env, tiny_model)
     hostfile = sbatch(["--nodes=2", "--ntasks-per-node=2", "--output=logs/hostfile-%j.out", "--wrap",
                        f"{SLURM / 'hostfile.sh'} {tmp_path / 'hostfile'}"], tmp_path, env)
-    job = sbatch([*CPU_MODE, "--nodes=2", "--ntasks-per-node=2", SLURM / "mlm.sh", *stage_args("mlm", out, demo_files, 1)],
-                 tmp_path, env)
     assert_completed(hostfile, timeout=60)
     assert (tmp_path / "hostfile").read_text() == "n1 slots=2\nn2 slots=2\n"
-    log = assert_completed(job, timeout=300)
+    run = runs[("ds_configs/zero3_auto.json", 1, 2)]
+    log, out = run["log"], run["out"]
     assert "on n[1-2]: 4 tasks" in log
     # rank 0's line: n1 does not resolve, so the master is its NodeAddr
     assert [ln.rsplit(":", 1)[0] for ln in rendezvous_lines(log)] == ["dapt: launcher srun: 4 ranks (gloo), master 127.0.0.1"]
     assert world_size(out) == 4
     assert sorted(steps_and_losses(out)) == list(range(1, 10))  # the effective batch is fixed: 9 steps
-    print(f"2 nodes x 2 tasks: 4 ranks, {time.time() - start:.0f}s")
+    print("2 nodes x 2 tasks: 4 ranks (the ZeRO-3 resume of node_changes)")
 
 
 @pytest.mark.slurm
 @pytest.mark.resume
-def test_resume_on_more_and_fewer_nodes(cluster, tmp_path, tiny_model, demo_files, base_env):
-    """The world size changes with the node count between two jobs: a ZeRO-3 run stopped on 1 node x 2 tasks
-    resumes on 2 nodes x 2 tasks, a ZeRO-2 run stopped on 2 x 2 resumes on 1 x 2. The checkpoint is converted
-    to the universal format once and re-partitioned; the data position and the loss curve continue."""
-    cluster.ensure(2)
-    start = time.time()
-    stop = 5  # mid-epoch: DAPT_FAULT makes rank 0 signal itself during step 5; the job saves it and exits 75
+def test_resume_on_more_and_fewer_nodes(cluster, node_changes):
+    """The checkpoint is converted to the universal format once and re-partitioned; the data position and the
+    loss curve continue."""
+    runs, _, seconds = node_changes
+    stop = NODE_CHANGE_STOP
     report = []
-    for ds, before, after in (("ds_configs/zero3_auto.json", 1, 2), ("ds_configs/zero2_auto.json", 2, 1)):
-        out = tmp_path / f"{Path(ds).stem}_{before}to{after}"
-        args = stage_args("mlm", out, demo_files, 1)
-        env = tiny_env(base_env, tiny_model, DAPT_DS_CONFIG=ds, DAPT_REQUEUE=0)
-        first = sbatch([*CPU_MODE, f"--nodes={before}", "--ntasks-per-node=2", SLURM / "mlm.sh", *args], tmp_path,
-                       {**env, "DAPT_FAULT": f"signal=train:0:{stop - 1}"})
-        info = wait_job(first, 300)
-        assert info["ExitCode"] == "75:0", f"{info['JobState']} {info['ExitCode']}\n{log_of(first)[-4000:]}"
-        assert world_size(out) == 2 * before and (out / "checkpoints" / "latest").read_text().strip() == f"step{stop:07d}"
-        log = assert_completed(sbatch([*CPU_MODE, f"--nodes={after}", "--ntasks-per-node=2", SLURM / "mlm.sh", *args],
-                                      tmp_path, env), timeout=300)
+    for (ds, before, after), run in runs.items():
+        out, log = run["out"], run["log"]
         # another world size: resumed from the universal copy of the checkpoint
         assert re.search(rf"resumed from \S*step{stop:07d}\.universal at step {stop}\b", log), log[-3000:]
-        for job_log, n in ((log_of(first), before), (log, after)):
+        for job_log, n in ((run["first_log"], before), (log, after)):
             assert [ln.rsplit(":", 1)[0] for ln in rendezvous_lines(job_log)] == \
                    [f"dapt: launcher srun: {2 * n} ranks (gloo), master 127.0.0.1"], rendezvous_lines(job_log)
         run_cfg = json.loads((out / "run_config.json").read_text())
@@ -645,7 +663,7 @@ def test_resume_on_more_and_fewer_nodes(cluster, tmp_path, tiny_model, demo_file
         assert abs(losses[stop + 1] - sum(pre) / len(pre)) <= max(0.5, 2 * spread), (pre, losses[stop + 1])
         report.append(f"{Path(ds).stem} {before}x2 -> {after}x2: losses to step {stop} "
                       f"{[round(x, 3) for x in pre]}, then {losses[stop + 1]:.3f}")
-    print(f"node count changes: {'; '.join(report)}; {time.time() - start:.0f}s")
+    print(f"node count changes: {'; '.join(report)}; {seconds:.0f}s")
 
 
 # --- a sweep: one job array + a summary job (one node; after the two-node test it brings the one-node
