@@ -30,8 +30,9 @@ demo: venv
 test: venv
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
-# The inner loop: no multi-rank runs, no cluster, no installs (under 2 minutes; `make test` is the whole suite).
-FAST := not dist and not resume and not fp16 and not slurm and not mpi and not install
+# The inner loop: the in-process tests only, no process started (`procs`, set in tests/conftest.py), no
+# multi-rank run, cluster or install; `make test` is the whole suite.
+FAST := not procs and not dist and not resume and not fp16 and not slurm and not mpi and not install
 test-fast: venv
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/python -m pytest -m "$(FAST)" $(PYTEST_ARGS)
 

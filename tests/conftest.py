@@ -20,6 +20,17 @@ SHARED_IMDB = ROOT.parent / "shared" / "data" / "imdb"
 BIN = Path(sys.executable).parent
 
 
+# A test that asks for one of these starts processes (the env fixtures are the environment of the processes a
+# test starts): marked `procs`, so `make test-fast` leaves it out.
+PROCESS_FIXTURES = {"base_env", "fp16_env", "cluster", "mpi_ready", "chromium"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.procs)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def no_shared_memory_leak():
     """Ranks the tests kill (SIGKILL, crashes) cannot unlink DeepSpeed's /dev/shm allreduce buffers
