@@ -14,6 +14,8 @@ import signal
 import pytest
 import torch
 from conftest import ROOT, assert_ok, run_cli
+from test_trainer import mlm_cfg as trainer_mlm_cfg
+from test_trainer import records
 
 from dapt.config import FinetuneConfig, MLMConfig, head_warmup_steps, parse_config
 from dapt.distributed import setup_distributed, shutdown
@@ -70,16 +72,8 @@ def forget_deepspeed_groups() -> None:
 
 
 def mlm_cfg(out, model, demo_files, **kw) -> MLMConfig:
-    values = dict(output_dir=str(out), model_name_or_path=str(model), data_files=[str(demo_files["unlabelled"])],
-                  ds_config=str(ROOT / "ds_configs" / "zero2_auto.json"), max_seq_length=32, max_samples=60,
-                  effective_batch_size=8, micro_batch_size=2, num_epochs=2, learning_rate=1e-3, warmup=2,
-                  logging_steps=1, save_steps=0, validation_split=0.1, wandb_mode="disabled", progress="lines")
-    values.update(kw)
-    return MLMConfig(**values)
-
-
-def records(out) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    """test_trainer's in-process MLM config, logging every step (the switch step must be in the log)."""
+    return trainer_mlm_cfg(out, model, demo_files, **{"logging_steps": 1, **kw})
 
 
 # --- detection ------------------------------------------------------------------------------------
