@@ -12,9 +12,11 @@ from dapt.eval.stats import (
     accuracy_difference_interval,
     bootstrap_macro_f1_interval,
     bounded_mean_interval,
+    draws_difference,
     macro_f1_from_confusion,
     mcnemar_exact,
     mean_interval,
+    minimum_detectable_effect,
     normal_quantile,
     paired_difference,
     t_quantile,
@@ -333,8 +335,9 @@ def test_paired_difference_by_hand():
     assert r["mean_a"] == pytest.approx(0.91) and r["mean_b"] == pytest.approx(0.89)
     # pairing: the spread of the differences, not of each arm, sets the width
     assert r["ci_high"] - r["ci_low"] < mean_interval(a)["ci_high"] - mean_interval(a)["ci_low"]
+    assert r["mde"] == pytest.approx((4.302653 + 1.060660) * 0.01 / math.sqrt(3), rel=1e-6)
     single = paired_difference([0.9], [0.8])
-    assert single["std"] is None and single["ci_low"] is None
+    assert single["std"] is None and single["ci_low"] is None and single["mde"] is None
 
 
 @pytest.mark.parametrize("call, message", [
@@ -395,6 +398,7 @@ def test_accuracy_difference_by_hand():
     assert (r["ci_low"], r["ci_high"]) == pytest.approx((0.2 - half, 0.2 + half), abs=1e-6)
     assert r["mcnemar_p"] == pytest.approx(_binomial_two_sided(3, 1))
     assert accuracy_difference_interval(a, b) == r  # 0/1 integers are accepted too
+    assert r["mde"] == pytest.approx(2.801585 * half / 1.959964, rel=1e-6)  # (z.975 + z.8) se
 
 
 def test_accuracy_difference_identical_and_clipped():
@@ -415,5 +419,113 @@ def test_accuracy_difference_identical_and_clipped():
     (lambda: accuracy_difference_interval([True], [True], confidence=-0.5), "confidence"),
 ])
 def test_paired_bad_inputs(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+# ---------------------------------------------------------------------------------------------
+# power: the minimum detectable effect, and the many-draws (linear probe) difference
+
+
+@pytest.mark.parametrize("df", [None, 1, 2, 4, 9, 30])
+def test_minimum_detectable_effect_matches_scipy(df):
+    q = (stats.norm.ppf if df is None else (lambda p: stats.t.ppf(p, df)))
+    assert minimum_detectable_effect(0.01, df=df) == pytest.approx(0.01 * (q(0.975) + q(0.8)), rel=1e-9)
+    assert minimum_detectable_effect(0.01, df=df, confidence=0.9, power=0.9) == pytest.approx(
+        0.01 * (q(0.95) + q(0.9)), rel=1e-9)
+
+
+def test_minimum_detectable_effect_values_and_power_by_simulation():
+    assert minimum_detectable_effect(1.0) == pytest.approx(2.801585, abs=1e-6)
+    assert minimum_detectable_effect(1.0, df=2) == pytest.approx(5.363313, abs=1e-6)  # 3 paired seeds
+    assert minimum_detectable_effect(0.0) == 0.0
+    # the definition: a true effect of one MDE is found (|z| > 1.96) in 80% of experiments
+    rng = np.random.default_rng(0)
+    se = 0.004
+    estimates = rng.normal(minimum_detectable_effect(se), se, size=200_000)
+    assert np.mean(np.abs(estimates / se) > 1.959964) == pytest.approx(0.80, abs=0.005)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: minimum_detectable_effect(-0.1), "se"),
+    (lambda: minimum_detectable_effect(float("nan")), "se"),
+    (lambda: minimum_detectable_effect(0.1, df=0), "df"),
+    (lambda: minimum_detectable_effect(0.1, power=1.0), "power"),
+    (lambda: minimum_detectable_effect(0.1, confidence=1.5), "confidence"),
+])
+def test_minimum_detectable_effect_bad_inputs(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def _correct(rng, draws, examples, p):
+    return rng.random((draws, examples)) < p
+
+
+def test_draws_difference_point_interval_and_determinism():
+    rng = np.random.default_rng(1)
+    a, b = _correct(rng, 20, 500, 0.85), _correct(rng, 20, 500, 0.80)
+    r = draws_difference(a, b)
+    assert r["diff"] == pytest.approx(a.mean() - b.mean())
+    assert (r["acc_a"], r["acc_b"]) == (pytest.approx(a.mean()), pytest.approx(b.mean()))
+    assert r["ci_low"] < r["diff"] < r["ci_high"]
+    assert (r["n_draws"], r["n_examples"], r["draws"]) == (20, 500, 2000)
+    assert r["mde"] == pytest.approx(2.801585 * r["se"], rel=1e-6)
+    assert draws_difference(a, b) == r  # seeded
+    assert draws_difference(a, a)["ci_low"] == draws_difference(a, a)["ci_high"] == 0.0
+
+
+def test_draws_difference_se_from_examples_alone():
+    """Every draw gives the same predictions: only the test examples vary, and the bootstrap SE is the
+    paired per-example one, sqrt(var(a_i - b_i) / N)."""
+    rng = np.random.default_rng(2)
+    row_a, row_b = _correct(rng, 1, 4000, 0.85), _correct(rng, 1, 4000, 0.82)
+    a, b = np.repeat(row_a, 30, axis=0), np.repeat(row_b, 30, axis=0)
+    d = row_a[0].astype(float) - row_b[0].astype(float)
+    r = draws_difference(a, b, draws=4000)
+    assert r["se"] == pytest.approx(d.std(ddof=1) / math.sqrt(d.size), rel=0.08)
+
+
+def test_draws_difference_se_from_draws_alone():
+    """Each draw's classifier is right or wrong on every example alike: only the draws vary, and the SE
+    is that of a mean over draws, sd(row differences) / sqrt(D)."""
+    rng = np.random.default_rng(3)
+    rows = 60
+    a = np.repeat(rng.random((rows, 1)) < 0.7, 50, axis=1)
+    b = np.repeat(rng.random((rows, 1)) < 0.5, 50, axis=1)
+    d = a[:, 0].astype(float) - b[:, 0].astype(float)
+    r = draws_difference(a, b, draws=4000)
+    assert r["se"] == pytest.approx(d.std(ddof=1) / math.sqrt(rows), rel=0.08)
+
+
+def test_draws_difference_covers_the_truth():
+    """Simulated probes: per-example difficulty shared by the arms, per-draw noise; the true difference
+    is known. The 95% interval covers it in most of 40 experiments (binomial: >= 33 of 40) with 50 draws
+    (a percentile bootstrap over only ~12 draws covers ~88%: the probe uses 50 or more)."""
+    rng = np.random.default_rng(4)
+    def expit(x):
+        return 1 / (1 + np.exp(-x))
+    e = rng.normal(1.5, 1.0, 400_000)  # the truth: over examples and draws (shifts included)
+    truth = float(np.mean(expit(e + rng.normal(0.1, 0.3, e.size)) - expit(e + rng.normal(0.0, 0.3, e.size))))
+    hits = 0
+    for _ in range(40):
+        ease = rng.normal(1.5, 1.0, size=800)  # logit of being right, per test example
+        shift_a, shift_b = rng.normal(0.1, 0.3, size=(50, 1)), rng.normal(0.0, 0.3, size=(50, 1))
+        pa, pb = expit(ease + shift_a), expit(ease + shift_b)
+        u = rng.random((50, 800))
+        a, b = u < pa, u < pb  # common random numbers: the arms agree where both are likely right
+        r = draws_difference(a, b)
+        hits += r["ci_low"] <= truth <= r["ci_high"]
+    assert hits >= 33
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: draws_difference(np.ones((3, 4), bool), np.ones((3, 5), bool)), "one shape"),
+    (lambda: draws_difference(np.ones((3, 4)), np.ones((3, 4))), "boolean"),
+    (lambda: draws_difference(np.ones(4, bool), np.ones(4, bool)), "draws, examples"),
+    (lambda: draws_difference(np.ones((1, 4), bool), np.ones((1, 4), bool)), "at least 2 draws"),
+    (lambda: draws_difference(np.ones((3, 4), bool), np.ones((3, 4), bool), draws=10), ">= 2000"),
+])
+def test_draws_difference_bad_inputs(call, message):
     with pytest.raises(ValueError, match=message):
         call()
