@@ -9,7 +9,7 @@ import pytest
 from conftest import ROOT, SHARED_IMDB, assert_ok
 
 
-@pytest.mark.dist  # DeepSpeed ranks under the real launcher, and the HF Trainer: not for `make test-fast`
+@pytest.mark.dist  # DeepSpeed engines in subprocesses, and the HF Trainer: not for `make test-fast`
 def test_gpu_speed_smoke_compares_equal_batches(tmp_path, base_env):
     """benchmarks/gpu_speed.py --smoke: both arms (dapt and the HF Trainer reference) at the same micro
     batch and accumulation, finite throughputs, and only results.json in the output folder."""
