@@ -45,7 +45,10 @@ def _scratch() -> Path:
 
 
 def _key(env: dict[str, str]) -> tuple:
-    return tuple(env.get(k) for k in IMPORT_TIME)
+    # TRANSFORMERS_OFFLINE is read only by huggingface_hub, as HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE (the
+    # first non-empty): key on that value, so HF_HUB_OFFLINE=1 with or without it shares a server
+    hub_offline = env.get("HF_HUB_OFFLINE") or env.get("TRANSFORMERS_OFFLINE")
+    return (*(env.get(k) for k in IMPORT_TIME if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")), hub_offline)
 
 
 def _server(env: dict[str, str]) -> str:
