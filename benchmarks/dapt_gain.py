@@ -24,7 +24,7 @@ Every estimate is printed with its minimum detectable effect at 80% power (the t
 Data (seed 0, disjoint): labelled / unlabelled / MLM held-out / probe pool from train; test from test (the
 fine-tune's `--test` reviews are the first of the probe's).
 
-    .venv/bin/python benchmarks/dapt_gain.py [--adapt dapt|tapt|both] [--seeds 1 2 3] [--head_warmup_steps 0.1]
+    .venv/bin/python benchmarks/dapt_gain.py [--adapt dapt|tapt|both] [--seeds 1 2 3] [--head_warmup_steps 0.2]
         [--unlabelled 3000] [--mlm_epochs 1] [--tapt_epochs 10] [--mlm_learning_rate 1e-4] [--whole_word_mask]
         [--probe_draws 100] [--probe_pool 5000] [--probe_test 5000] [--labelled 500] [--test 2000]
 """
@@ -283,9 +283,9 @@ def main() -> None:
     ap.add_argument("--tapt_epochs", type=int, default=10)
     ap.add_argument("--mlm_learning_rate", type=float, default=1e-4)
     ap.add_argument("--whole_word_mask", action="store_true")
-    ap.add_argument("--head_warmup_steps", type=float, default=0,
+    ap.add_argument("--head_warmup_steps", type=float, default=0.2,
                     help="arm B's first MLM stage: train the new MLM head alone first (the package model ships none): "
-                         "steps, or a fraction in (0, 1) of the MLM steps; 0 = off")
+                         "steps, or a fraction in (0, 1) of the MLM steps; 0 = off (default: the first 20%%)")
     ap.add_argument("--probe_draws", type=int, default=100, help="label draws of the linear probe (0 = no probe)")
     ap.add_argument("--probe_pool", type=int, default=5000, help="balanced labelled pool the probe draws from")
     ap.add_argument("--probe_test", type=int, default=5000, help="test reviews the probe scores")

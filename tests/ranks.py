@@ -7,7 +7,10 @@ The engines, the gloo collectives, the checkpoints and the signals are real; onl
 Tests about a launcher itself (`deepspeed`, `torchrun`, `srun`, `mpirun`) start that launcher instead.
 
 Values that libraries read once at import (PYTHONPATH and its sitecustomize, HF caches and offline flags,
-OMP threads, ...) are fixed in a server, so each distinct set of them gets its own server.
+OMP threads, ...) are fixed in a server, so each distinct set of them gets its own server. The exception is a
+test hook directory of SITE_AFTER_FORK first on PYTHONPATH (the FP16 lane's tests/fp16): its sitecustomize
+patches modules already imported as well as later ones, so a rank forked from the plain server runs it after
+the fork, with the job's environment, instead of a server of its own.
 """
 from __future__ import annotations
 
@@ -32,7 +35,10 @@ SERVER = ROOT / "tests" / "workers" / "rank_server.py"
 IMPORT_TIME = ("PYTHONPATH", "PYTHONHASHSEED", "HOME", "XDG_CACHE_HOME", "HF_HOME", "HF_HUB_CACHE",
                "HF_DATASETS_CACHE", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE",
                "TRANSFORMERS_VERBOSITY", "DS_ACCELERATOR", "CUDA_VISIBLE_DEVICES", "TORCH_EXTENSIONS_DIR",
-               "OMP_NUM_THREADS", "MKL_NUM_THREADS", "DAPT_TEST_FP16_PATCH")
+               "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+# sitecustomize directories a forked rank can run after the fork (they patch already-imported modules too)
+SITE_AFTER_FORK = (str(ROOT / "tests" / "fp16"),)
 
 _servers: dict[tuple, tuple[subprocess.Popen, str]] = {}
 _scratch_dirs: dict[int, Path] = {}  # pid -> this process's scratch (sockets, server logs, jobs' output)
@@ -44,6 +50,20 @@ def _scratch() -> Path:
     return _scratch_dirs[os.getpid()]
 
 
+def _split_site_dirs(env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+    """The leading SITE_AFTER_FORK entries of PYTHONPATH, and the environment without them (the server's)."""
+    entries = env.get("PYTHONPATH", "").split(os.pathsep) if env.get("PYTHONPATH") else []
+    site = []
+    while entries and entries[0] in SITE_AFTER_FORK:
+        site.append(entries.pop(0))
+    if not site:
+        return [], env
+    rest = {k: v for k, v in env.items() if k != "PYTHONPATH"}
+    if entries:
+        rest["PYTHONPATH"] = os.pathsep.join(entries)
+    return site, rest
+
+
 def _key(env: dict[str, str]) -> tuple:
     # TRANSFORMERS_OFFLINE is read only by huggingface_hub, as HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE (the
     # first non-empty): key on that value, so HF_HUB_OFFLINE=1 with or without it shares a server
@@ -52,7 +72,8 @@ def _key(env: dict[str, str]) -> tuple:
 
 
 def _server(env: dict[str, str]) -> str:
-    """The socket of a server started with this environment's import-time values (started on first use)."""
+    """The socket of a server started with this environment's import-time values (started on first use).
+    `env` is the server's (without SITE_AFTER_FORK entries: _split_site_dirs)."""
     key = _key(env)
     if key in _servers and _servers[key][0].poll() is None:
         return _servers[key][1]
@@ -100,11 +121,12 @@ class ForkedJob:
         os.close(fd)
         fd, self._stderr = tempfile.mkstemp(prefix="stderr-", dir=_scratch())
         os.close(fd)
+        site_dirs, server_env = _split_site_dirs(env)
         request = dict(argv=self.args, env=dict(env), ranks=ranks, cwd=str(cwd), stdin=stdin_path, stdout=self._stdout,
                        stderr=self._stderr, mode="dist" if (ranks > 1 if dist is None else dist) else "python",
-                       port=free_port(), fork_stages=fork_stages)
+                       port=free_port(), fork_stages=fork_stages, site_dirs=site_dirs)
         self._conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._conn.connect(server or _server(env))
+        self._conn.connect(server or _server(server_env))
         self._conn.sendall((json.dumps(request) + "\n").encode())
         self._reader = self._conn.makefile("r")
         started = json.loads(self._reader.readline())

@@ -16,6 +16,7 @@ can hang in its first parallel region.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import runpy
@@ -88,6 +89,22 @@ def _fork_stages(server: str) -> None:
     pipeline.run_job = run_job
 
 
+def _run_site_dirs(dirs: list[str]) -> None:
+    """Test hook directories first on the job's PYTHONPATH (tests/ranks.py SITE_AFTER_FORK): put them on
+    sys.path where the interpreter would have, and run their sitecustomize now, with the job's environment
+    (they patch the modules this server imported as well as later ones)."""
+    for position, folder in enumerate(dirs, start=1):  # sys.path[0] is the script's or working directory
+        sys.path.insert(position, folder)
+    # the interpreter runs the first sitecustomize on sys.path (ours chain to the one they shadow)
+    first = next((os.path.join(d, "sitecustomize.py") for d in dirs
+                  if os.path.isfile(os.path.join(d, "sitecustomize.py"))), None)
+    if first:
+        spec = importlib.util.spec_from_file_location("sitecustomize", first)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["sitecustomize"] = module
+        spec.loader.exec_module(module)
+
+
 def _run_rank(request: dict, rank: int) -> int:
     """In the rank's process: become `python script args` under a launcher's environment, run, return
     the exit status the interpreter would give."""
@@ -112,6 +129,7 @@ def _run_rank(request: dict, rank: int) -> int:
         sys.stderr.reconfigure(write_through=True)
     argv = request["argv"]
     try:
+        _run_site_dirs(request.get("site_dirs", []))
         if argv[0] == "-m":
             sys.argv = [argv[1], *argv[2:]]
             sys.path[0] = os.getcwd()  # as `python -m` puts the working directory first
