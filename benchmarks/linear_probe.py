@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -109,8 +110,10 @@ def probe_correct(pool: np.ndarray, pool_labels: np.ndarray, test: np.ndarray, t
     from sklearn.preprocessing import StandardScaler
 
     right = np.empty((len(draws), len(test_labels)), dtype=bool)
-    for d, ix in enumerate(draws):
-        clf = make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=[1e-3, 1e-2, 1e-1, 1.0], cv=5, max_iter=2000))
-        clf.fit(pool[ix], pool_labels[ix])
-        right[d] = clf.predict(test) == test_labels
+    with warnings.catch_warnings():  # scikit-learn 1.8+ announces default changes once per fit: not ours
+        warnings.simplefilter("ignore", FutureWarning)
+        for d, ix in enumerate(draws):
+            clf = make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=[1e-3, 1e-2, 1e-1, 1.0], cv=5, max_iter=2000))
+            clf.fit(pool[ix], pool_labels[ix])
+            right[d] = clf.predict(test) == test_labels
     return right
