@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import hashlib
 import json
 import math
 import os
@@ -40,7 +39,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
-from common import ROOT, deepspeed_command, run_logged
+from common import ROOT, cached_result, deepspeed_command, file_digest, run_logged, save_result
 from linear_probe import balanced_draws, features, probe_correct
 
 from dapt.eval.stats import accuracy_difference_interval, draws_difference, mean_interval, paired_difference
@@ -84,19 +83,13 @@ def sample(data: Path, out: Path, seed: int, labelled: int, unlabelled: int, tes
     return paths
 
 
-def file_digest(*files: Path) -> str:
-    return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()
-
-
 def run_mlm(model: str | Path, text: Path, out: Path, ranks: int, epochs: int, lr: float, wwm: bool,
             head_warmup: float = 0) -> Path:
     """One MLM stage from `model` on `text`; skipped when `out` holds a finished run of the same inputs."""
     m = MLM
     key = {"model": str(model), "text_sha256": file_digest(text), "epochs": epochs, "lr": lr, "wwm": wwm,
            "head_warmup": head_warmup, "recipe": m}
-    done = out / "dapt_gain_key.json"
-    if done.exists() and json.loads(done.read_text()) == key and (out / "model").is_dir():
-        print(f"reusing {out}", flush=True)
+    if cached_result(out, key) is not None and (out / "model").is_dir():
         return out
     run_logged([*deepspeed_command("mlm", ranks), "--model_name_or_path", model, "--data_files", text,
                 "--output_dir", out, "--overwrite_output_dir", "--ds_config", "ds_configs/zero2_auto.json",
@@ -106,7 +99,7 @@ def run_mlm(model: str | Path, text: Path, out: Path, ranks: int, epochs: int, l
                 "--validation_split", "0", "--save_steps", "0", "--logging_steps", "20", "--seed", "0",
                 "--head_warmup_steps", f"{head_warmup:g}"],
                out.parent / f"{out.name}.log")
-    done.write_text(json.dumps(key))
+    save_result(out, key, str(out / "model"))
     return out
 
 
@@ -145,19 +138,11 @@ def run_key(model: str | Path, paths: dict[str, Path], seed: int) -> dict:
             "data_sha256": file_digest(paths["labelled"], paths["test"])}
 
 
-def cached_result(out: Path, key: dict) -> dict | None:
-    done = out / "result.json"
-    if done.exists() and (saved := json.loads(done.read_text()))["key"] == key:
-        return saved["result"]
-    return None
-
-
 def run_finetune(model: str | Path, paths: dict[str, Path], out: Path, ranks: int, seed: int) -> dict:
     """Fine-tune + evaluate, or read back a finished run of the same key (same model bytes, recipe, seed
     and data): seeds accumulate across invocations and arm A is shared by every variant."""
     key = run_key(model, paths, seed)
     if (result := cached_result(out, key)) is not None:
-        print(f"reusing {out}", flush=True)
         return result
     r = RECIPE
     run_logged([*deepspeed_command("finetune", ranks), "--model_name_or_path", model,
@@ -174,7 +159,7 @@ def run_finetune(model: str | Path, paths: dict[str, Path], out: Path, ranks: in
     preds = [json.loads(line) for line in (out / "eval" / "predictions.jsonl").read_text().splitlines()]
     result = {"accuracy": results["accuracy"], "accuracy_ci": results["accuracy_ci"], "f1_macro": results["f1_macro"],
               "correct": [p["label"] == p["predicted"] for p in preds]}
-    (out / "result.json").write_text(json.dumps({"key": key, "result": result}))
+    save_result(out, key, result)
     return result
 
 
@@ -226,7 +211,7 @@ def report(rows: list[dict], arms: dict[str, dict], paired: dict | None, probe: 
     if probe:
         lines += [f"Linear probe (frozen encoders; logistic regression on {probe['n_draws']} balanced draws of "
                   f"{probe['size']} labels from a pool of {probe['pool']}; {probe['n_examples']} test reviews):",
-                  f"  A {probe['acc_b']:.4f}  B {probe['acc_a']:.4f}  B - A {pts(probe['diff'])} points "
+                  f"  A {probe['acc_A']:.4f}  B {probe['acc_B']:.4f}  B - A {pts(probe['diff'])} points "
                   f"[{pts(probe['ci_low'])}, {pts(probe['ci_high'])}] (two-way bootstrap, 95%); "
                   f"MDE at 80% power {100 * probe['mde']:.2f} points", ""]
     lines += ["| seed | A: fine-tune only | B: adapted then fine-tuned | B - A [95% CI] | McNemar p | MDE |",
@@ -264,6 +249,7 @@ def run_probe(args: argparse.Namespace, paths: dict[str, Path], b_model: Path) -
     right = {arm: probe_correct(f[0], pool["label"].to_numpy(), f[1], test["label"].to_numpy(), draws)
              for arm, f in feats.items()}
     result = draws_difference(right["B"], right["A"])
+    result["acc_B"], result["acc_A"] = result.pop("acc_a"), result.pop("acc_b")  # named by arm, not position
     return {**result, "size": args.labelled, "pool": len(pool)}
 
 
@@ -337,8 +323,7 @@ def main() -> None:
             "tapt_epochs": args.tapt_epochs, "mlm_learning_rate": args.mlm_learning_rate,
             "whole_word_mask": args.whole_word_mask, "head_warmup_steps": args.head_warmup_steps,
             "recipe": RECIPE, "mlm_recipe": MLM,
-            "probe": probe and {("acc_B" if k == "acc_a" else "acc_A" if k == "acc_b" else k): v
-                                for k, v in probe.items()},
+            "probe": probe,
             "per_seed": [{"seed": r["seed"], **{arm: {k: r[arm][k] for k in ("accuracy", "accuracy_ci", "f1_macro")}
                                                 for arm in ("A", "B")},
                           "diff": r["paired"]["diff"], "diff_ci": [r["paired"]["ci_low"], r["paired"]["ci_high"]],

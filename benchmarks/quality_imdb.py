@@ -27,7 +27,6 @@ and minimum detectable effect, and the same margin. Finished runs are cached in 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -36,7 +35,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
-from common import ROOT, deepspeed_command, run_logged
+from common import ROOT, cached_result, deepspeed_command, file_digest, run_logged, save_result
 
 from dapt.data.sources import split_validation
 from dapt.data.text import encode_for_classification
@@ -71,11 +70,9 @@ def run_dapt(paths: dict[str, Path], out: Path, ranks: int, seed: int, attention
     """dapt's fine-tune + evaluation of both sets; a finished run of the same inputs in `out` is read back."""
     r = RECIPE
     key = {"recipe": r, "seed": seed, "attention": attention, "ranks": ranks,
-           "data_sha256": hashlib.sha256(b"".join(paths[k].read_bytes() for k in ("train", "test", "mr"))).hexdigest()}
-    done = out / "result.json"
-    if done.exists() and (saved := json.loads(done.read_text()))["key"] == key:
-        print(f"reusing {out}", flush=True)
-        return saved["result"]
+           "data_sha256": file_digest(paths["train"], paths["test"], paths["mr"])}
+    if (result := cached_result(out, key)) is not None:
+        return result
     run_logged([*deepspeed_command("finetune", ranks), "--model_name_or_path", MODEL, "--data_files",
                 paths["train"], "--output_dir", out / "finetune", "--overwrite_output_dir",
                 "--ds_config", "ds_configs/zero2_auto.json", "--max_seq_length", r["max_seq_length"],
@@ -93,7 +90,7 @@ def run_dapt(paths: dict[str, Path], out: Path, ranks: int, seed: int, attention
     result = {"summary": summary, "correct": [p["label"] == p["predicted"] for p in preds],
               "results": {name: json.loads((out / "eval" / f"eval_results-{name}.json").read_text())
                           for name in ("imdb-test", "mr")}}
-    done.write_text(json.dumps({"key": key, "result": result}))
+    save_result(out, key, result)
     return result
 
 
