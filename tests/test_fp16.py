@@ -340,3 +340,25 @@ def test_loss_scale_floor_is_one_line_and_exit_3(tmp_path, tiny_model, demo_file
     assert trajectory == [(1, 0, 4.0), (2, 0, 4.0), (3, 0, 4.0), (4, 1, 2.0), (5, 2, 1.0)], trajectory
     print(f"floor: (step, skipped, scale) {trajectory}; then step 6 -> exit 3; {len(before)} checkpoint files "
           f"unchanged; {lines[0]}")
+
+
+@pytest.mark.parametrize("order", ["fp16 first", "jobhooks first"])
+def test_test_hook_directories_chain_once_each(order, tmp_path):
+    """The FP16 lane and the Slurm job hooks (tests/workers/jobhooks) may both be on a child's PYTHONPATH:
+    each sitecustomize runs once and chains to the one after its own directory, whichever comes first,
+    and a plain sitecustomize further down the path still runs (it was an endless chain before)."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "sitecustomize.py").write_text("import builtins\nbuiltins.DAPT_TEST_LAST_SITE = True\n")
+    dirs = [ROOT / "tests" / "fp16", ROOT / "tests" / "workers" / "jobhooks"]
+    if order == "jobhooks first":
+        dirs.reverse()
+    probe = ("import builtins, sys; print(sorted(sorted(f.patches) for f in sys.meta_path if hasattr(f, 'patches')),"
+             " getattr(builtins, 'DAPT_TEST_LAST_SITE', False))")
+    env = {**os.environ, "DAPT_TEST_SLOW_WRITE": "1", "PYTHONPATH": os.pathsep.join(map(str, [*dirs, tmp_path]))}
+    proc = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr[-2000:]
+    assert proc.stdout.split("\n")[0] == ("[['dapt.jobs.evaluate', 'dapt.jobs.trainer'], "
+                                          "['deepspeed.accelerator.cpu_accelerator']] True")

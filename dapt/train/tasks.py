@@ -11,7 +11,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
-from dapt.config import FinetuneConfig, MLMConfig, TrainConfig
+from dapt.config import FinetuneConfig, MLMConfig
 from dapt.data.batching import IndexedRows, sharded_batches, to_device
 from dapt.data.classify import PadCollator, classification_splits
 from dapt.data.labels import id2label
@@ -183,7 +183,3 @@ def load_classifier_for_training(cfg: FinetuneConfig, path: str) -> tuple[torch.
 
 MLM = Stage("mlm", build_mlm_task, load_mlm_for_training)
 FINETUNE = Stage("finetune", build_classification_task, load_classifier_for_training)
-
-
-def stage_for(cfg: TrainConfig) -> Stage:
-    return MLM if isinstance(cfg, MLMConfig) else FINETUNE

@@ -26,6 +26,7 @@ The step number comes from the engine, so it is also right after a resume from a
 from __future__ import annotations
 
 import os
+import runpy
 import sys
 
 _ACCELERATOR = "deepspeed.accelerator.cpu_accelerator"
@@ -78,55 +79,9 @@ def _patch_engine(module) -> None:
 
 
 _PATCHES = {_ACCELERATOR: _patch_accelerator, _ENGINE: _patch_engine}
-
-
-class _PatchAfterImport:
-    """A sys.meta_path finder that only wraps the real loaders of the modules in _PATCHES."""
-
-    def find_spec(self, fullname, path=None, target=None):
-        patch = _PATCHES.get(fullname)
-        if patch is None:
-            return None
-        for finder in sys.meta_path:
-            if finder is self or not hasattr(finder, "find_spec"):
-                continue
-            spec = finder.find_spec(fullname, path, target)
-            if spec is not None:
-                break
-        else:
-            return None
-        loader = spec.loader
-        if loader is None or not hasattr(loader, "exec_module"):
-            return spec
-        real_exec = loader.exec_module
-
-        def exec_module(module):
-            real_exec(module)
-            patch(module)
-
-        # Wrap on the instance, keep everything else of the original loader.
-        try:
-            loader.exec_module = exec_module
-        except AttributeError:  # a loader with __slots__: give up quietly, the module still loads
-            return spec
-        return spec
-
-
-def _chain_next_sitecustomize() -> None:
-    """Run the sitecustomize this file shadows, if any (none in dapt's venv today)."""
-    import importlib.machinery
-    import importlib.util
-
-    here = os.path.dirname(os.path.abspath(__file__))
-    rest = [p for p in sys.path if os.path.abspath(p or os.curdir) != here]
-    spec = importlib.machinery.PathFinder.find_spec("sitecustomize", rest)
-    if spec is None or spec.origin is None or os.path.abspath(spec.origin) == os.path.abspath(__file__):
-        return
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-
-
-_FINDER = _PatchAfterImport()
+# the finder and the chaining, shared with tests/workers/jobhooks/sitecustomize.py (loaded by path: no package)
+_HOOKS = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "site_hooks.py"))
+_FINDER = _HOOKS["PatchAfterImport"](_PATCHES)
 
 if os.environ.get("DAPT_TEST_FP16_PATCH", "1") != "0":
     if os.environ.get("DAPT_TEST_FP16_INF_GRAD"):
@@ -145,6 +100,6 @@ if os.environ.get("DAPT_TEST_FP16_PATCH", "1") != "0":
         sys.meta_path.insert(0, _FINDER)
 
 try:
-    _chain_next_sitecustomize()
+    _HOOKS["chain_next_sitecustomize"](__file__)
 except Exception as exc:  # noqa: BLE001 - never break interpreter start-up
     print(f"tests/fp16/sitecustomize.py: the shadowed sitecustomize failed: {exc!r}", file=sys.stderr)

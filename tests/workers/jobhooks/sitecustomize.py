@@ -19,6 +19,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import runpy
 import sys
 import time
 
@@ -67,36 +68,6 @@ def _patch_trainer(module) -> None:
 
 
 _PATCHES = {"dapt.jobs.evaluate": _patch_evaluate, "dapt.jobs.trainer": _patch_trainer} if _SLOW > 0 else {}
-
-
-class _PatchAfterImport:
-    """A sys.meta_path finder that only wraps the real loaders of the modules in _PATCHES."""
-
-    def find_spec(self, fullname, path=None, target=None):
-        patch = _PATCHES.get(fullname)
-        if patch is None:
-            return None
-        for finder in sys.meta_path:
-            if finder is self or not hasattr(finder, "find_spec"):
-                continue
-            spec = finder.find_spec(fullname, path, target)
-            if spec is not None:
-                break
-        else:
-            return None
-        loader = spec.loader
-        if loader is None or not hasattr(loader, "exec_module"):
-            return spec
-        real_exec = loader.exec_module
-
-        def exec_module(module):
-            real_exec(module)
-            patch(module)
-
-        loader.exec_module = exec_module
-        return spec
-
-
 def _at_exit() -> None:
     _record(f"exit-{_rank()}-{os.getpid()}.json", {"rank": _rank(), "time": time.time()})
 
@@ -110,26 +81,14 @@ def _dump_env() -> None:
         json.dump({k: os.environ.get(k) for k in ENV_NAMES}, f)
 
 
-def _chain_next_sitecustomize() -> None:
-    """Run the sitecustomize this file shadows, if any."""
-    import importlib.machinery
-    import importlib.util
-
-    here = os.path.dirname(os.path.abspath(__file__))
-    rest = [p for p in sys.path if os.path.abspath(p or os.curdir) != here]
-    spec = importlib.machinery.PathFinder.find_spec("sitecustomize", rest)
-    if spec is None or spec.origin is None or os.path.abspath(spec.origin) == os.path.abspath(__file__):
-        return
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-
-
+# the finder and the chaining, shared with tests/fp16/sitecustomize.py (loaded by path: no package)
+_HOOKS = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, os.pardir, "site_hooks.py"))
 if _PATCHES:
-    sys.meta_path.insert(0, _PatchAfterImport())
+    sys.meta_path.insert(0, _HOOKS["PatchAfterImport"](_PATCHES))
 if _TIMES and "SLURM_STEP_ID" in os.environ:
     atexit.register(_at_exit)
 try:
     _dump_env()
-    _chain_next_sitecustomize()
+    _HOOKS["chain_next_sitecustomize"](__file__)
 except Exception as exc:  # noqa: BLE001 - never break interpreter start-up
     print(f"tests/workers/jobhooks/sitecustomize.py: {exc!r}", file=sys.stderr)
