@@ -88,3 +88,22 @@ def test_linear_probe_features_cache_pooling_and_a_separable_task(tmp_path, tiny
         lp.balanced_draws(labels[:30], size=40, n_draws=2, seed=0)
     with pytest.raises(ValueError, match="even size"):
         lp.balanced_draws(labels, size=41, n_draws=2, seed=0)
+
+
+def test_suite_profile_report_sums_wall_time_and_idle_cores():
+    """benchmarks/suite_profile.py: per module, the tests' wall time and the idle core-seconds of the
+    samples inside them; overall, the core-seconds of work and the wall time they bound."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import suite_profile
+
+    busy = {100: 1.0, 101: 0.5, 102: 0.5, 103: 0.25}
+    spans = [("tests/test_a.py::x", 99.5, 101.5), ("tests/test_a.py::y", 101.5, 102.2),
+             ("tests/test_b.py::z", 102.5, 103.9)]
+    lines = suite_profile.report(spans, busy, cores=2).splitlines()
+    # test_a: 2.7 s wall; samples 100, 101 (x) and 102 (y): used 2.0 of 3 -> 66.7% busy, 2 x 1.0 idle core-s
+    assert lines[1].split() == ["tests/test_a.py", "2", "2.7", "66.7%", "2.0"]
+    assert lines[2].split() == ["tests/test_b.py", "1", "1.4", "25.0%", "1.5"]
+    assert lines[3].startswith("whole run: 4 s sampled, cores busy 56.2%, 4 core-seconds of work (2 cores): "
+                               "at least 2 s")
+    total, idle = suite_profile.cpu_times()
+    assert total > idle > 0
