@@ -19,7 +19,12 @@ default (the paired interval's half-width is then ~0.7 points), every arm scored
 (chunked, the CPU default) cost accuracy against PyTorch's SDPA? dapt's fine-tune with each, for every seed
 of `--seeds` (training seed: dropout and order; the samples stay those of `--seed`), paired by seed; per
 seed the paired difference chunked - sdpa with McNemar, over seeds the mean difference with its t interval
-and minimum detectable effect, and the same margin. Finished runs are cached in --out (seeds accumulate).
+and minimum detectable effect, and the same margin (exit 1 unless the kernel is shown non-inferior). The
+plain loop runs with each training seed too with `--with_plain`: sdpa - plain and chunked - plain over seeds
+say whether a gap to it is the kernel's or dapt's machinery's. Where a run's selection kept an earlier
+checkpoint, `--score_final` scores its last one on the same reviews too (selected - last, paired within the
+run; also for the main check). Finished
+runs (every arm) are cached in --out (seeds accumulate).
 
     .venv/bin/python benchmarks/quality_imdb.py [--data ../shared/data] [--out runs/quality] [--test 5000]
     .venv/bin/python benchmarks/quality_imdb.py --compare_attention --seeds 1 2 3
@@ -66,13 +71,14 @@ def sample(data: Path, out: Path, seed: int, n_test: int) -> dict[str, Path]:
     return paths
 
 
-def run_dapt(paths: dict[str, Path], out: Path, ranks: int, seed: int, attention: str = "auto") -> dict:
+def run_dapt(paths: dict[str, Path], out: Path, ranks: int, seed: int, attention: str = "auto",
+             final: bool = False) -> dict:
     """dapt's fine-tune + evaluation of both sets; a finished run of the same inputs in `out` is read back."""
     r = RECIPE
     key = {"recipe": r, "seed": seed, "attention": attention, "ranks": ranks,
            "data_sha256": file_digest(paths["train"], paths["test"], paths["mr"])}
     if (result := cached_result(out, key)) is not None:
-        return result
+        return score_final(out, key, paths, ranks, result) if final else result
     run_logged([*deepspeed_command("finetune", ranks), "--model_name_or_path", MODEL, "--data_files",
                 paths["train"], "--output_dir", out / "finetune", "--overwrite_output_dir",
                 "--ds_config", "ds_configs/zero2_auto.json", "--max_seq_length", r["max_seq_length"],
@@ -91,10 +97,48 @@ def run_dapt(paths: dict[str, Path], out: Path, ranks: int, seed: int, attention
               "results": {name: json.loads((out / "eval" / f"eval_results-{name}.json").read_text())
                           for name in ("imdb-test", "mr")}}
     save_result(out, key, result)
+    return score_final(out, key, paths, ranks, result) if final else result
+
+
+def score_final(out: Path, key: dict, paths: dict[str, Path], ranks: int, result: dict) -> dict:
+    """Where selection kept an earlier checkpoint, the run's last one scored on the same test reviews too
+    ("final_correct"): what the selection rule gained or cost, paired within one run."""
+    summary = result["summary"]
+    if "final_correct" in result or summary["selected"]["step"] == summary["steps"]:
+        return result
+    run_logged([sys.executable, "-m", "dapt", "export", "--checkpoint", summary["final_checkpoint"],
+                "--output_dir", out / "final" / "model", "--overwrite_output_dir"], out / "final" / "export.log")
+    run_logged([*deepspeed_command("evaluate", ranks), "--model_name_or_path", out / "final" / "model",
+                "--eval_sets", f"imdb-test={paths['test']}", "--save_predictions",
+                "--output_dir", out / "final" / "eval", "--overwrite_output_dir"], out / "final" / "eval.log")
+    preds = (out / "final" / "eval" / "predictions-imdb-test.jsonl").read_text().splitlines()
+    result["final_correct"] = [p["label"] == p["predicted"] for p in map(json.loads, preds)]
+    save_result(out, key, result)
     return result
 
 
-def run_plain(paths: dict[str, Path], seed: int, log: Path) -> dict:
+def selection_report(result: dict) -> dict | None:
+    """Selected minus last checkpoint of one run, paired on the test reviews (None: selection kept the last)."""
+    if "final_correct" not in result:
+        return None
+    d = accuracy_difference_interval(result["correct"], result["final_correct"])
+    return {"selected_step": result["summary"]["selected"]["step"], "final_step": result["summary"]["steps"],
+            "final_accuracy": d["acc_b"], "selected_minus_final": d["diff"], "ci": [d["ci_low"], d["ci_high"]],
+            "mcnemar_p": d["mcnemar_p"]}
+
+
+def run_plain(paths: dict[str, Path], seed: int, out: Path) -> dict:
+    """The baseline, cached in `out` by its inputs: see train_plain."""
+    key = {"recipe": RECIPE, "seed": seed, "arm": "plain", "data_sha256": file_digest(paths["train"], paths["test"])}
+    if (result := cached_result(out, key)) is not None:
+        return result
+    out.mkdir(parents=True, exist_ok=True)
+    result = train_plain(paths, seed, out / "plain.log")
+    save_result(out, key, result)
+    return result
+
+
+def train_plain(paths: dict[str, Path], seed: int, log: Path) -> dict:
     """The baseline: a textbook single-process loop (torch AdamW, LambdaLR, no DeepSpeed, no bucketing),
     with dapt's held-out split and truncation so that only the training machinery differs."""
     import datasets
@@ -165,24 +209,39 @@ def run_plain(paths: dict[str, Path], seed: int, log: Path) -> dict:
 
 
 def compare_attention(args: argparse.Namespace, paths: dict[str, Path]) -> None:
-    """dapt's fine-tune with the chunked kernel vs SDPA, paired by seed on the same samples."""
+    """dapt's fine-tune with the chunked kernel vs SDPA, paired by seed on the same samples; with --with_plain
+    the plain loop with the same training seed beside them (is a gap to it the kernel or dapt's machinery?)."""
+    arms = ("chunked", "sdpa", "plain") if args.with_plain else ("chunked", "sdpa")
     rows = []
     for seed in args.seeds:
-        runs = {attn: run_dapt(paths, args.out / f"attn-{attn}-seed{seed}", args.ranks, seed, attn)
+        runs = {attn: run_dapt(paths, args.out / f"attn-{attn}-seed{seed}", args.ranks, seed, attn, args.score_final)
                 for attn in ("sdpa", "chunked")}
-        d = accuracy_difference_interval(runs["chunked"]["correct"], runs["sdpa"]["correct"])
-        rows.append({"seed": seed, "sdpa": d["acc_b"], "chunked": d["acc_a"], "diff": d["diff"],
-                     "diff_ci": [d["ci_low"], d["ci_high"]], "mcnemar_p": d["mcnemar_p"], "mde": d["mde"],
-                     "selected_step": {a: runs[a]["summary"]["selected"]["step"] for a in runs}})
-        print(f"seed {seed}: sdpa {d['acc_b']:.4f} chunked {d['acc_a']:.4f} diff {100 * d['diff']:+.2f} points "
-              f"[{100 * d['ci_low']:+.2f}, {100 * d['ci_high']:+.2f}] McNemar p {d['mcnemar_p']:.3g}", flush=True)
-    over = paired_difference([r["chunked"] for r in rows], [r["sdpa"] for r in rows])
-    line = {"n_test": len(runs["sdpa"]["correct"]), "seeds": args.seeds, "per_seed": rows,
-            "chunked_minus_sdpa": over, "margin": MARGIN}
+        if args.with_plain:
+            runs["plain"] = run_plain(paths, seed, args.out / f"plain-seed{seed}")
+        row = {"seed": seed, **{a: sum(runs[a]["correct"]) / len(runs[a]["correct"]) for a in arms},
+               "selected_step": {a: runs[a].get("summary", runs[a])["selected"]["step"] for a in arms},
+               "selection": {a: selection_report(runs[a]) for a in ("sdpa", "chunked")}}
+        text = []
+        for a, b in (("chunked", "sdpa"), ("sdpa", "plain"), ("chunked", "plain")):
+            if b in runs:
+                d = accuracy_difference_interval(runs[a]["correct"], runs[b]["correct"])
+                row[f"{a}_minus_{b}"] = {"diff": d["diff"], "ci": [d["ci_low"], d["ci_high"]], "mde": d["mde"],
+                                         "discordant": [d["b"], d["c"]], "mcnemar_p": d["mcnemar_p"]}
+                text.append(f"{a} - {b} {100 * d['diff']:+.2f} points [{100 * d['ci_low']:+.2f}, "
+                            f"{100 * d['ci_high']:+.2f}] McNemar {d['b']}/{d['c']} p {d['mcnemar_p']:.3g}")
+        rows.append(row)
+        print(f"seed {seed}: " + " ".join(f"{a} {row[a]:.4f}" for a in arms) + "; " + "; ".join(text), flush=True)
+    over = {f"{a}_minus_{b}": paired_difference([r[a] for r in rows], [r[b] for r in rows])
+            for a, b in (("chunked", "sdpa"), ("sdpa", "plain"), ("chunked", "plain")) if b in arms}
+    for name, o in over.items():
+        print(f"{name.replace('_minus_', ' - ')} over {o['n']} seeds: {100 * o['mean']:+.2f} points "
+              f"[{100 * o['ci_low']:+.2f}, {100 * o['ci_high']:+.2f}], MDE {100 * o['mde']:.2f} points", flush=True)
+    line = {"n_test": len(runs["sdpa"]["correct"]), "seeds": args.seeds, "per_seed": rows, **over, "margin": MARGIN}
     print(json.dumps(line))
     (args.out / "attention.json").write_text(json.dumps(line, indent=2) + "\n")
-    if over["ci_low"] is None or over["ci_low"] <= MARGIN:
-        sys.exit(f"attention: chunked - sdpa {100 * over['mean']:+.2f} points over {over['n']} seeds; its interval "
+    kernel = over["chunked_minus_sdpa"]
+    if kernel["ci_low"] is None or kernel["ci_low"] <= MARGIN:
+        sys.exit(f"attention: chunked - sdpa {100 * kernel['mean']:+.2f} points over {kernel['n']} seeds; its interval "
                  f"does not lie above the margin {100 * MARGIN:+.1f} (non-inferiority not shown)")
 
 
@@ -195,6 +254,9 @@ def main() -> None:
     ap.add_argument("--test", type=int, default=5000, help="IMDB test reviews every arm is scored on")
     ap.add_argument("--compare_attention", action="store_true", help="chunked vs SDPA over --seeds instead")
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="training seeds of --compare_attention")
+    ap.add_argument("--with_plain", action="store_true", help="--compare_attention: the plain loop per seed too")
+    ap.add_argument("--score_final", action="store_true",
+                    help="where selection kept an earlier checkpoint, score the last one too (selected - last)")
     args = ap.parse_args()
     if args.compare_attention and len(set(args.seeds)) < 2:
         ap.error("--compare_attention needs at least two distinct --seeds")
@@ -204,9 +266,9 @@ def main() -> None:
     if args.compare_attention:
         return compare_attention(args, paths)
     start = time.perf_counter()
-    dapt = run_dapt(paths, args.out, args.ranks, args.seed)
+    dapt = run_dapt(paths, args.out, args.ranks, args.seed, final=args.score_final)
     dapt_s = time.perf_counter() - start
-    plain = run_plain(paths, args.seed, args.out / "plain.log")
+    plain = run_plain(paths, args.seed, args.out / "plain")
     plain_s = time.perf_counter() - start - dapt_s
     paired = accuracy_difference_interval(dapt["correct"], plain["correct"])
     n = paired["n"]
@@ -222,7 +284,8 @@ def main() -> None:
         "difference_mde": paired["mde"], "margin": MARGIN,
         "discordant_dapt_right": paired["b"], "discordant_plain_right": paired["c"], "mcnemar_p": paired["mcnemar_p"],
         "dapt_selected_step": sel["step"], "dapt_selected_heldout_accuracy": sel["value"],
-        "dapt_evaluations": sel["evaluations"], "plain_selected_step": plain["selected"]["step"],
+        "dapt_evaluations": sel["evaluations"], "dapt_selected_minus_final": selection_report(dapt),
+        "plain_selected_step": plain["selected"]["step"],
         "plain_selected_heldout_accuracy": plain["selected"]["value"],
         "mr_accuracy": mr["accuracy"], "mr_accuracy_ci": mr["accuracy_ci"], "mr_n": mr["n_examples"],
         "dapt_wall_s": round(dapt_s, 1), "plain_wall_s": round(plain_s, 1), "goal_accuracy": GOAL,
