@@ -23,11 +23,10 @@ and minimum detectable effect, and the same margin (exit 1 unless the kernel is 
 plain loop runs with each training seed too with `--with_plain`: sdpa - plain and chunked - plain over seeds
 say whether a gap to it is the kernel's or dapt's machinery's. Where a run's selection kept an earlier
 checkpoint, `--score_final` scores its last one on the same reviews too (selected - last, paired within the
-run; also for the main check). Finished
-runs (every arm) are cached in --out (seeds accumulate).
+run; also for the main check). Finished runs (every arm) are cached in --out (seeds accumulate).
 
     .venv/bin/python benchmarks/quality_imdb.py [--data ../shared/data] [--out runs/quality] [--test 5000]
-    .venv/bin/python benchmarks/quality_imdb.py --compare_attention --seeds 1 2 3
+    .venv/bin/python benchmarks/quality_imdb.py --compare_attention --seeds 1 2 3 4 [--with_plain] [--score_final]
 """
 from __future__ import annotations
 
@@ -51,6 +50,8 @@ MODEL = "minilm-l6"
 RECIPE = {"max_seq_length": 256, "head_tokens": 128, "learning_rate": 5e-5, "warmup": 0.1, "epochs": 2,
           "batch": 16, "validation_split": 0.1, "eval_steps": 50}
 GOAL = 0.86
+# the paired differences --compare_attention reports (a - b), those with "plain" only with --with_plain
+PAIRS = (("chunked", "sdpa"), ("sdpa", "plain"), ("chunked", "plain"))
 MARGIN = -0.01  # non-inferiority: the paired difference's 95% interval must lie above -1.0 point
 
 
@@ -222,7 +223,7 @@ def compare_attention(args: argparse.Namespace, paths: dict[str, Path]) -> None:
                "selected_step": {a: runs[a].get("summary", runs[a])["selected"]["step"] for a in arms},
                "selection": {a: selection_report(runs[a]) for a in ("sdpa", "chunked")}}
         text = []
-        for a, b in (("chunked", "sdpa"), ("sdpa", "plain"), ("chunked", "plain")):
+        for a, b in PAIRS:
             if b in runs:
                 d = accuracy_difference_interval(runs[a]["correct"], runs[b]["correct"])
                 row[f"{a}_minus_{b}"] = {"diff": d["diff"], "ci": [d["ci_low"], d["ci_high"]], "mde": d["mde"],
@@ -232,7 +233,7 @@ def compare_attention(args: argparse.Namespace, paths: dict[str, Path]) -> None:
         rows.append(row)
         print(f"seed {seed}: " + " ".join(f"{a} {row[a]:.4f}" for a in arms) + "; " + "; ".join(text), flush=True)
     over = {f"{a}_minus_{b}": paired_difference([r[a] for r in rows], [r[b] for r in rows])
-            for a, b in (("chunked", "sdpa"), ("sdpa", "plain"), ("chunked", "plain")) if b in arms}
+            for a, b in PAIRS if b in arms}
     for name, o in over.items():
         print(f"{name.replace('_minus_', ' - ')} over {o['n']} seeds: {100 * o['mean']:+.2f} points "
               f"[{100 * o['ci_low']:+.2f}, {100 * o['ci_high']:+.2f}], MDE {100 * o['mde']:.2f} points", flush=True)

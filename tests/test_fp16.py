@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -347,10 +350,6 @@ def test_test_hook_directories_chain_once_each(order, tmp_path):
     """The FP16 lane and the Slurm job hooks (tests/workers/jobhooks) may both be on a child's PYTHONPATH:
     each sitecustomize runs once and chains to the one after its own directory, whichever comes first,
     and a plain sitecustomize further down the path still runs (it was an endless chain before)."""
-    import os
-    import subprocess
-    import sys
-
     (tmp_path / "sitecustomize.py").write_text("import builtins\nbuiltins.DAPT_TEST_LAST_SITE = True\n")
     dirs = [ROOT / "tests" / "fp16", ROOT / "tests" / "workers" / "jobhooks"]
     if order == "jobhooks first":
