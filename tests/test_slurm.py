@@ -134,14 +134,19 @@ def assert_completed(job: int, timeout: float = 240) -> str:
     return log
 
 
-def stage_args(stage: str, out: Path, demo_files, epochs: int) -> list[str]:
+def stage_flags(stage: str, demo_files, epochs: int) -> list[str]:
+    """A stage's flags in the Slurm tests, without --output_dir (slurm/pipeline.sh gives each stage its own)."""
     data = {"mlm": "unlabelled", "finetune": "train"}[stage]
-    args = ["--data_files", demo_files[data], "--output_dir", out, "--max_seq_length", 64, "--num_epochs", epochs,
-            "--learning_rate", "1e-3", "--warmup", "0.1", "--validation_split", "0.1", "--effective_batch_size", 16,
-            "--micro_batch_size", 4, "--logging_steps", 1, "--seed", 3, "--save_steps", 0]
+    args = ["--data_files", demo_files[data], "--max_seq_length", 64, "--num_epochs", epochs, "--learning_rate", "1e-3",
+            "--warmup", "0.1", "--validation_split", "0.1", "--effective_batch_size", 16, "--micro_batch_size", 4,
+            "--logging_steps", 1, "--seed", 3, "--save_steps", 0]
     if stage == "finetune":
         args += ["--head_tokens", 16]
     return [str(a) for a in args]
+
+
+def stage_args(stage: str, out: Path, demo_files, epochs: int) -> list[str]:
+    return ["--output_dir", str(out), *stage_flags(stage, demo_files, epochs)]
 
 
 def prebuilt_extensions() -> str:
@@ -205,29 +210,57 @@ STALE_LAUNCH_VARS = {"RANK": "5", "WORLD_SIZE": "9", "LOCAL_RANK": "3", "LOCAL_W
 
 # --- one node ---------------------------------------------------------------------------------------
 
+HOOKS = ROOT / "tests" / "workers" / "jobhooks"  # test-only sitecustomize: slow rank-0 writes, exit times, env dumps
+SLOW_WRITE = 9  # seconds rank 0's final writes take longer in the pipeline's jobs; srun's --wait there is 3
+
+
+def hooked(env: dict[str, str], **hooks) -> dict[str, str]:
+    """A job environment with tests/workers/jobhooks first on the tasks' PYTHONPATH and its variables set."""
+    return {**env, "PYTHONPATH": f"{HOOKS}{os.pathsep}{env.get('PYTHONPATH', ROOT)}", **{k: str(v) for k, v in hooks.items()}}
+
+
 @pytest.fixture(scope="module")
-def reference_mlm(cluster, tmp_path_factory, tiny_model, demo_files, base_env):
-    """`sbatch slurm/mlm.sh` with 2 tasks, uninterrupted (also the reference of the requeue test), submitted
-    from a shell that exported stale launcher variables."""
+def pipeline_run(cluster, tmp_path_factory, tiny_model, demo_files, base_env):
+    """`slurm/pipeline.sh` with 2 tasks a job: MLM -> fine-tune -> eval, three dependent jobs, run once for
+    several tests' checks. Submitted from a shell that exported stale launcher variables; a given rendezvous
+    (DAPT_MASTER_ADDR/PORT); the MLM job runs EPOCHS epochs uninterrupted (the reference of the requeue
+    test); every job runs under `srun --wait=3` (DAPT_SRUN_WAIT) while rank 0's final writes take SLOW_WRITE
+    seconds longer (tests/workers/jobhooks: the trainer's model export, the evaluation's results + model card
+    + W&B run), and each task records when it exited."""
     cluster.ensure(1)
-    work = tmp_path_factory.mktemp("slurm_mlm")
-    out = work / "mlm"
+    work = tmp_path_factory.mktemp("slurm_pipeline")
+    out, times = work / "pipe", work / "times"
+    port = free_port()
+    ft_flags = [*stage_flags("finetune", demo_files, 1), "--max_samples", "64"]
+    env = hooked(tiny_env(base_env, tiny_model, DAPT_OUTPUT_DIR=out, DAPT_GPUS_PER_NODE=0, DAPT_SRUN_WAIT=3,
+                          DAPT_MASTER_ADDR="127.0.0.1", DAPT_MASTER_PORT=port,
+                          DAPT_MLM_ARGS=" ".join(stage_flags("mlm", demo_files, EPOCHS)),
+                          DAPT_FINETUNE_ARGS=" ".join(ft_flags), DAPT_EVAL_ARGS=f"--data_files {demo_files['test']}",
+                          **STALE_LAUNCH_VARS),
+                 DAPT_TEST_SLOW_WRITE=SLOW_WRITE, DAPT_TEST_TIMES_DIR=times)
     start = time.time()
-    job = sbatch([*CPU_MODE, "--ntasks-per-node=2", SLURM / "mlm.sh", *stage_args("mlm", out, demo_files, EPOCHS)],
-                 work, tiny_env(base_env, tiny_model, **STALE_LAUNCH_VARS))
-    log = assert_completed(job)
-    return {"job": job, "out": out, "log": log, "seconds": time.time() - start, "work": work}
+    proc = subprocess.run([str(SLURM / "pipeline.sh"), "--ntasks-per-node=2", "--cpus-per-task=1"], cwd=work,
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    jobs = {k: int(v) for k, v in (kv.split("=") for kv in proc.stdout.split())}
+    assert list(jobs) == ["mlm", "finetune", "eval"]
+    dependency = job_info(jobs["finetune"])["Dependency"]
+    logs = {stage: assert_completed(job, timeout=300) for stage, job in jobs.items()}
+    return {"jobs": jobs, "logs": logs, "out": out, "work": work, "times": times, "port": port,
+            "dependency": dependency, "seconds": time.time() - start}
 
 
 @pytest.mark.slurm
-def test_sbatch_mlm_two_tasks(reference_mlm):
-    out, log, job = reference_mlm["out"], reference_mlm["log"], reference_mlm["job"]
-    assert (reference_mlm["work"] / "logs" / f"dapt-mlm-{job}.out").is_file()  # #SBATCH --output=logs/%x-%j.out
+def test_sbatch_mlm_two_tasks(pipeline_run):
+    """The pipeline's MLM job: `sbatch slurm/mlm.sh` with 2 tasks, from a shell with stale launcher variables."""
+    job, log = pipeline_run["jobs"]["mlm"], pipeline_run["logs"]["mlm"]
+    out = pipeline_run["out"] / "mlm"
+    assert (pipeline_run["work"] / "logs" / f"dapt-mlm-{job}.out").is_file()  # #SBATCH --output=logs/%x-%j.out
     assert f"dapt-slurm: job {job} (dapt-mlm) run 1 on " in log and "2 tasks" in log
     # python is the srun task itself (no shell around it); ranks and rendezvous come from dapt/distributed.py
-    assert re.search(r"dapt-slurm: running: srun --kill-on-bad-exit=0 --wait=60 --cpus-per-task=1 \S+ -m dapt mlm ", log)
+    assert re.search(r"dapt-slurm: running: srun --kill-on-bad-exit=0 --wait=3 --cpus-per-task=1 \S+ -m dapt mlm ", log)
     lines = rendezvous_lines(log)
-    assert len(lines) == 1 and re.fullmatch(r"dapt: launcher srun: 2 ranks \(gloo\), master \S+:\d+", lines[0]), lines
+    assert lines == [f"dapt: launcher srun: 2 ranks (gloo), master 127.0.0.1:{pipeline_run['port']}"], lines
     assert "stale.invalid" not in log
     assert "dapt-slurm: finished" in log
     assert world_size(out) == 2
@@ -235,13 +268,14 @@ def test_sbatch_mlm_two_tasks(reference_mlm):
     assert summary["steps"] == 9 * EPOCHS and summary["world_size"] == 2
     assert sorted(steps_and_losses(out)) == list(range(1, 9 * EPOCHS + 1))
     assert (out / "model" / "model.safetensors").is_file() and (out / "model" / "config.json").is_file()
-    print(f"sbatch slurm/mlm.sh, 2 tasks: {summary['steps']} steps, {reference_mlm['seconds']:.0f}s")
+    print(f"sbatch slurm/mlm.sh, 2 tasks: {summary['steps']} steps")
 
 
 @pytest.mark.slurm
-def test_requeue_resumes_to_the_same_run(cluster, reference_mlm, tmp_path, tiny_model, demo_files, base_env):
+def test_requeue_resumes_to_the_same_run(cluster, pipeline_run, tmp_path, tiny_model, demo_files, base_env):
     """A USR1 to the batch shell (as `--signal=B:USR1@grace` sends it), then `scontrol requeue` (SIGTERM):
-    each time the tasks checkpoint and exit 75, the job is requeued, and the next run resumes."""
+    each time the tasks checkpoint and exit 75, the job is requeued, and the next run resumes; the losses
+    are the pipeline's uninterrupted MLM job's (the same flags)."""
     cluster.ensure(1)
     start = time.time()
     out = tmp_path / "mlm"
@@ -267,7 +301,7 @@ def test_requeue_resumes_to_the_same_run(cluster, reference_mlm, tmp_path, tiny_
     assert f"requeueing job {job}" in log and "run 3 on" in log
     for _, step in stops:
         assert re.search(rf"resumed from \S*step{step:07d} at step {step}\b", log), step
-    ref = steps_and_losses(reference_mlm["out"])
+    ref = steps_and_losses(pipeline_run["out"] / "mlm")
     losses = steps_and_losses(out)
     assert sorted(losses) == sorted(ref) == list(range(1, 9 * EPOCHS + 1))
     assert json.loads((out / "summary.json").read_text())["steps"] == max(ref)
@@ -278,26 +312,9 @@ def test_requeue_resumes_to_the_same_run(cluster, reference_mlm, tmp_path, tiny_
 
 
 @pytest.mark.slurm
-def test_pipeline_three_dependent_jobs(cluster, tmp_path, tiny_model, demo_files, base_env):
-    cluster.ensure(1)
-    start = time.time()
-    out = tmp_path / "pipe"
-    common = "--max_seq_length 64 --validation_split 0.1 --effective_batch_size 16 --micro_batch_size 4 --save_steps 0"
-    port = free_port()  # a given rendezvous, read by the tasks (dapt/distributed.py)
-    env = tiny_env(base_env, tiny_model, DAPT_OUTPUT_DIR=out, DAPT_GPUS_PER_NODE=0,
-                   DAPT_MASTER_ADDR="127.0.0.1", DAPT_MASTER_PORT=port,
-                   DAPT_MLM_ARGS=f"--data_files {demo_files['unlabelled']} --num_epochs 1 {common}",
-                   DAPT_FINETUNE_ARGS=f"--data_files {demo_files['train']} --num_epochs 1 --head_tokens 16 {common}",
-                   DAPT_EVAL_ARGS=f"--data_files {demo_files['test']}")
-    proc = subprocess.run([str(SLURM / "pipeline.sh"), "--ntasks-per-node=2", "--cpus-per-task=1"], cwd=tmp_path,
-                          env=env, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    ids = dict(kv.split("=") for kv in proc.stdout.split())
-    jobs = {k: int(v) for k, v in ids.items()}
-    assert list(jobs) == ["mlm", "finetune", "eval"]
-    assert job_info(jobs["finetune"])["Dependency"] in (f"afterok:{jobs['mlm']}(unfulfilled)", "(null)")
-    for stage in jobs:
-        assert_completed(jobs[stage], timeout=300)
+def test_pipeline_three_dependent_jobs(pipeline_run, demo_files, base_env):
+    jobs, logs, out = pipeline_run["jobs"], pipeline_run["logs"], pipeline_run["out"]
+    assert pipeline_run["dependency"] in (f"afterok:{jobs['mlm']}(unfulfilled)", "(null)")
     info = {k: job_info(v) for k, v in jobs.items()}
     assert info["finetune"]["StartTime"] >= info["mlm"]["EndTime"]  # afterok: one after the other
     assert info["eval"]["StartTime"] >= info["finetune"]["EndTime"]
@@ -305,10 +322,10 @@ def test_pipeline_three_dependent_jobs(cluster, tmp_path, tiny_model, demo_files
     n_test = sum(1 for line in Path(demo_files["test"]).read_text().splitlines() if line.strip())
     assert results["n_examples"] == n_test == 37
     assert world_size(out / "finetune") == 2
-    assert f"--model_name_or_path {out / 'mlm'}" in log_of(jobs["finetune"])
-    assert f"--model_name_or_path {out / 'finetune'}" in log_of(jobs["eval"])
+    assert f"--model_name_or_path {out / 'mlm'}" in logs["finetune"]
+    assert f"--model_name_or_path {out / 'finetune'}" in logs["eval"]
     for stage in ("mlm", "finetune"):
-        assert rendezvous_lines(log_of(jobs[stage])) == [f"dapt: launcher srun: 2 ranks (gloo), master 127.0.0.1:{port}"]
+        assert rendezvous_lines(logs[stage]) == [f"dapt: launcher srun: 2 ranks (gloo), master 127.0.0.1:{pipeline_run['port']}"]
     # the Slurm pipeline's directory is the same run layout as launch/pipeline.py's: dapt report reads it
     report = subprocess.run([sys.executable, "-m", "dapt", "report", str(out)], cwd=ROOT, env=base_env,
                             capture_output=True, text=True, timeout=300)
@@ -316,7 +333,45 @@ def test_pipeline_three_dependent_jobs(cluster, tmp_path, tiny_model, demo_files
     assert (out / "report" / "confusion_matrix.png").is_file()
     md = (out / "report" / "report.md").read_text()
     assert f"| accuracy | {results['accuracy']:.4f} [" in md and "## mlm" in md and "## finetune" in md
-    print(f"pipeline: jobs {jobs}, {results['n_examples']} examples evaluated, {time.time() - start:.0f}s")
+    print(f"pipeline: jobs {jobs}, {results['n_examples']} examples evaluated, {pipeline_run['seconds']:.0f}s")
+
+
+def exit_and_write_times(folder: Path) -> tuple[dict[str, float], list[float]]:
+    exits = {}
+    for path in folder.glob("exit-*.json"):
+        record = json.loads(path.read_text())
+        exits[record["rank"]] = record["time"]
+    writes = [json.loads(p.read_text())["end"] for p in folder.glob("write-*.json")]
+    return exits, writes
+
+
+@pytest.mark.slurm
+def test_ranks_wait_for_rank0_final_writes_under_srun_wait(pipeline_run):
+    """`srun --wait=3` (DAPT_SRUN_WAIT=3) kills the tasks still running 3 s after the first one exits, and rank
+    0's final writes take 9 s longer in the pipeline's jobs (tests/workers/jobhooks: the MLM's and the
+    fine-tune's model export, the evaluation's results + model card + W&B run), 2 tasks each: every rank
+    stays until rank 0 has written (the trainer's closing barrier, evaluate's end barrier), so nothing is
+    killed, the three jobs exit 0 and the files exist. Without the barrier at the end of evaluate, rank 1
+    exits first and srun kills rank 0 mid-write: the eval job fails with no results."""
+    jobs, logs, out = pipeline_run["jobs"], pipeline_run["logs"], pipeline_run["out"]
+    for stage, what in (("mlm", "export_checkpoint"), ("finetune", "export_checkpoint"), ("eval", "write_set")):
+        log = logs[stage]
+        assert "dapt-slurm: running: srun --kill-on-bad-exit=0 --wait=3 --cpus-per-task=1 " in log
+        assert f"dapt-test: rank 0 {what}: sleeping {SLOW_WRITE}s first" in log and f"dapt-test: rank 0 {what}: written" in log
+        assert not [ln for ln in log.splitlines() if ln.startswith("srun:")], log[-3000:]  # no task killed or aborted
+        assert "dapt-slurm: finished" in log
+        exits, writes = exit_and_write_times(pipeline_run["times"] / str(jobs[stage]))
+        assert sorted(exits) == ["0", "1"] and len(writes) == 1, (stage, exits, writes)  # every rank exited by itself
+        assert min(exits.values()) >= writes[0], (stage, exits, writes)  # ... after rank 0 had written
+    assert (out / "finetune" / "model" / "model.safetensors").is_file()
+    results = json.loads((out / "eval" / "eval_results.json").read_text())
+    assert results["n_examples"] == 37 and results["world_size"] == 2
+    card_entry = out / "finetune" / "model" / "results" / f"{results['set']}.json"
+    assert json.loads(card_entry.read_text())["accuracy"] == results["accuracy"]
+    assert f"| {results['set']} | 37 |" in (out / "finetune" / "model" / "README.md").read_text()
+    assert "model card updated: " in logs["eval"]
+    print(f"srun --wait=3, rank 0 writes {SLOW_WRITE}s slower: MLM, fine-tune and eval complete, every rank left "
+          f"after rank 0's write")
 
 
 @pytest.mark.slurm
@@ -357,14 +412,6 @@ def test_prepare_job_writes_a_manifest(cluster, tmp_path, tiny_model, demo_files
     assert manifest["source"]["rows"] == 192 and manifest["tokenizer"]["name"] == str(tiny_model)
     assert sum(split["examples"] for split in manifest["splits"].values()) == 192
     print(f"sbatch slurm/prepare.sh: {sorted(manifest['splits'])}, {time.time() - start:.0f}s")
-
-
-HOOKS = ROOT / "tests" / "workers" / "jobhooks"  # test-only sitecustomize: slow rank-0 writes, exit times, env dumps
-
-
-def hooked(env: dict[str, str], **hooks) -> dict[str, str]:
-    """A job environment with tests/workers/jobhooks first on the tasks' PYTHONPATH and its variables set."""
-    return {**env, "PYTHONPATH": f"{HOOKS}{os.pathsep}{env.get('PYTHONPATH', ROOT)}", **{k: str(v) for k, v in hooks.items()}}
 
 
 def job_user(env: dict[str, str]) -> str:
@@ -439,58 +486,6 @@ def test_mlm_sh_reference_batch_on_eight_ranks(cluster, tmp_path, tiny_model, de
         assert task["TOKENIZERS_PARALLELISM"] == "false"
     print(f"sbatch slurm/mlm.sh, the script's 8 tasks, recipe batch 64/16 -> micro 8 x 1 x 8 ranks: "
           f"{summary['steps']} steps, {time.time() - start:.0f}s")
-
-
-SLOW_WRITE = 9  # seconds rank 0's final writes take longer in the next test; srun's --wait there is 3
-
-
-def exit_and_write_times(folder: Path) -> tuple[dict[str, float], list[float]]:
-    exits = {}
-    for path in folder.glob("exit-*.json"):
-        record = json.loads(path.read_text())
-        exits[record["rank"]] = record["time"]
-    writes = [json.loads(p.read_text())["end"] for p in folder.glob("write-*.json")]
-    return exits, writes
-
-
-@pytest.mark.slurm
-def test_ranks_wait_for_rank0_final_writes_under_srun_wait(cluster, tmp_path, tiny_model, demo_files, base_env):
-    """`srun --wait=3` (DAPT_SRUN_WAIT=3) kills the tasks still running 3 s after the first one exits, and rank
-    0's final writes take 9 s longer (tests/workers/jobhooks: the fine-tune's model export, the evaluation's
-    results + model card + W&B run). slurm/finetune.sh then slurm/eval.sh (afterok), 2 tasks each: every rank
-    stays until rank 0 has written (the trainer's closing barrier, evaluate's end barrier), so nothing is
-    killed, both jobs exit 0 and the files exist. Without the barrier at the end of evaluate, rank 1 exits
-    first and srun kills rank 0 mid-write: the eval job fails with no results."""
-    cluster.ensure(1)
-    start = time.time()
-    out, times = tmp_path / "run", tmp_path / "times"
-    env = hooked(tiny_env(base_env, tiny_model, DAPT_SRUN_WAIT=3), DAPT_TEST_SLOW_WRITE=SLOW_WRITE)
-    ft_args = [*stage_args("finetune", out / "finetune", demo_files, 1), "--max_samples", 64]
-    ft = sbatch([*CPU_MODE, "--ntasks-per-node=2", SLURM / "finetune.sh", *ft_args], tmp_path,
-                {**env, "DAPT_TEST_TIMES_DIR": str(times / "finetune")})
-    ev = sbatch([*CPU_MODE, "--ntasks-per-node=2", f"--dependency=afterok:{ft}", "--kill-on-invalid-dep=yes",
-                 SLURM / "eval.sh", "--data_files", demo_files["test"]], tmp_path,
-                {**env, "DAPT_MODEL": str(out / "finetune"), "DAPT_OUTPUT_DIR": str(out / "eval"),
-                 "DAPT_TEST_TIMES_DIR": str(times / "eval")})
-    logs = {"finetune": assert_completed(ft, timeout=300), "eval": assert_completed(ev, timeout=300)}
-    for stage, what in (("finetune", "export_checkpoint"), ("eval", "write_set")):
-        log = logs[stage]
-        assert "dapt-slurm: running: srun --kill-on-bad-exit=0 --wait=3 --cpus-per-task=1 " in log
-        assert f"dapt-test: rank 0 {what}: sleeping {SLOW_WRITE}s first" in log and f"dapt-test: rank 0 {what}: written" in log
-        assert not [ln for ln in log.splitlines() if ln.startswith("srun:")], log[-3000:]  # no task killed or aborted
-        assert "dapt-slurm: finished" in log
-        exits, writes = exit_and_write_times(times / stage)
-        assert sorted(exits) == ["0", "1"] and len(writes) == 1, (exits, writes)  # every rank exited by itself
-        assert min(exits.values()) >= writes[0], (stage, exits, writes)  # ... after rank 0 had written
-    assert (out / "finetune" / "model" / "model.safetensors").is_file()
-    results = json.loads((out / "eval" / "eval_results.json").read_text())
-    assert results["n_examples"] == 37 and results["world_size"] == 2
-    card_entry = out / "finetune" / "model" / "results" / f"{results['set']}.json"
-    assert json.loads(card_entry.read_text())["accuracy"] == results["accuracy"]
-    assert f"| {results['set']} | 37 |" in (out / "finetune" / "model" / "README.md").read_text()
-    assert "model card updated: " in logs["eval"]
-    print(f"srun --wait=3, rank 0 writes {SLOW_WRITE}s slower: fine-tune + eval both complete, every rank left after "
-          f"rank 0's write, {time.time() - start:.0f}s")
 
 
 @pytest.mark.slurm

@@ -45,6 +45,12 @@ def preload() -> None:
                    "dapt.model.export", "dapt.model.attention"):
         __import__(module)
     from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification, AutoTokenizer  # noqa: F401
+    # deepspeed.initialize's ZeRO optimizer check imports Muon, whose torch.compile decorators import
+    # torch._inductor (~580 modules, ~2 s per rank); nothing is compiled at import
+    try:
+        import deepspeed.runtime.zero.muon.muon_optimizer  # noqa: F401
+    except ImportError:  # older DeepSpeed (constraints/lowest.txt): no Muon, nothing to preload
+        pass
 
     # DeepSpeed's shared-memory allreduce (every multi-rank run on CPU): its JIT build check (ninja) runs
     # once here; the ranks find it in the op builders' cache of loaded ops.

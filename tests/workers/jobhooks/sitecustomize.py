@@ -6,9 +6,10 @@ DAPT_TEST_SLOW_WRITE=SECONDS   rank 0's final writes take SECONDS longer: it sle
     `dapt.jobs.evaluate.write_set` (the results, the model card and the W&B run of one test set) and of the
     trainer's `export_checkpoint` (the exported model; the summary and W&B follow). The other ranks must wait
     for it: under `srun --wait=N` with N < SECONDS they would otherwise exit first and srun would kill rank 0.
-DAPT_TEST_TIMES_DIR=DIR        where each process records when it exits (`exit-<rank>-<pid>.json`, an atexit
-    handler registered first, so it runs last) and rank 0 when each slow write ended (`write-<pid>.json`): a
-    test can check that no rank left before rank 0 had written.
+DAPT_TEST_TIMES_DIR=DIR        where each process records, in `DIR/<SLURM_JOB_ID>/` (one folder per job: the jobs of
+    one pipeline share the environment), when it exits (`exit-<rank>-<pid>.json`, an atexit handler registered
+    first, so it runs last) and rank 0 when each slow write ended (`write-<what>-<pid>.json`): a test can check
+    that no rank left before rank 0 had written.
 DAPT_TEST_ENV_DUMP=DIR         each srun task writes the launch-related variables it sees at start-up to
     `DIR/env-<SLURM_PROCID>.json`.
 
@@ -25,6 +26,8 @@ import time
 
 _SLOW = float(os.environ.get("DAPT_TEST_SLOW_WRITE", "0") or 0)
 _TIMES = os.environ.get("DAPT_TEST_TIMES_DIR", "")
+if _TIMES:
+    _TIMES = os.path.join(_TIMES, os.environ.get("SLURM_JOB_ID", "nojob"))
 ENV_NAMES = ("OMP_NUM_THREADS", "TOKENIZERS_PARALLELISM", "TORCH_EXTENSIONS_DIR", "TRITON_CACHE_DIR", "TMPDIR",
              "SLURM_PROCID", "SLURM_LOCALID", "SLURM_CPUS_PER_TASK", "SLURM_STEP_NUM_TASKS", "SLURM_JOB_ID",
              "SLURM_RESTART_COUNT", "USER")
