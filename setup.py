@@ -38,8 +38,9 @@ setup(
         "matplotlib",  # dapt report
     ],
     extras_require={
-        # selenium: the demo page in headless Chromium; accelerate: the HF Trainer arm of the gpu_speed smoke test
-        "test": ["pytest>=7", "scikit-learn", "selenium", "accelerate"],
+        # selenium: the demo page in headless Chromium; accelerate: the HF Trainer arm of the gpu_speed smoke test;
+        # pytest-xdist: `make test` runs the in-process tests beside the ones that start processes
+        "test": ["pytest>=7", "pytest-xdist>=3.2", "scikit-learn", "selenium", "accelerate"],
         "mpi": ["mpi4py"],
         "wandb": ["wandb"],
         "demo": ["gradio"],  # dapt demo: the Gradio page

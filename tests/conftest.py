@@ -29,18 +29,47 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.procs)
+            # `make test` runs two pytest-xdist workers with --dist loadgroup: every test that starts processes
+            # goes to one worker, in this order (they share a cluster, rank servers and module-scoped runs, and
+            # two multi-rank runs side by side on 2 cores would only slow each other); the other worker takes
+            # the in-process tests meanwhile. Without xdist the mark does nothing.
+            item.add_marker(pytest.mark.xdist_group("procs"))
+
+
+def pytest_configure(config):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # a worker's in-process tests share the cores with the other worker's ranks: one thread each
+        import torch
+
+        torch.set_num_threads(1)
+
+
+def _mapped_shm_files() -> set[str]:
+    """The /dev/shm files some live process has mapped (from every /proc/<pid>/maps)."""
+    import glob
+
+    mapped = set()
+    for maps in glob.glob("/proc/[0-9]*/maps"):
+        try:
+            with open(maps) as f:
+                mapped.update(line.split(None, 5)[5].strip() for line in f if " /dev/shm/" in line)
+        except (OSError, IndexError):  # a process that ended meanwhile, or one we may not read
+            continue
+    return mapped
 
 
 @pytest.fixture(scope="session", autouse=True)
 def no_shared_memory_leak():
     """Ranks the tests kill (SIGKILL, crashes) cannot unlink DeepSpeed's /dev/shm allreduce buffers
-    (dapt unlinks them at a normal exit); remove what this session left behind."""
+    (dapt unlinks them at a normal exit); remove what this session left behind that no process maps: another
+    pytest worker's (make test runs two) or another job's ranks on this machine may be using theirs."""
     import glob
 
     pattern = "/dev/shm/deepspeed_allreduce_buffer_*"
     before = set(glob.glob(pattern))
     yield
-    for leftover in set(glob.glob(pattern)) - before:
+    leftovers = set(glob.glob(pattern)) - before
+    for leftover in leftovers - _mapped_shm_files() if leftovers else ():
         try:
             os.unlink(leftover)
         except OSError:
