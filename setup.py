@@ -39,7 +39,7 @@ setup(
     ],
     extras_require={
         # selenium: the demo page in headless Chromium; accelerate: the HF Trainer arm of the gpu_speed smoke test;
-        # pytest-xdist: `make test` runs the in-process tests beside the ones that start processes
+        # pytest-xdist: `make test-fast` runs the in-process tests in two workers
         "test": ["pytest>=7", "pytest-xdist>=3.2", "scikit-learn", "selenium", "accelerate"],
         "mpi": ["mpi4py"],
         "wandb": ["wandb"],

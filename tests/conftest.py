@@ -30,53 +30,12 @@ def pytest_itemcollected(item):
         item.add_marker(pytest.mark.procs)
 
 
-# `make test` runs two pytest-xdist workers (-n 2 --dist loadgroup): every `procs` test goes to one worker, in
-# collection order (they share a cluster, rank servers and module-scoped runs, and two multi-rank runs side by
-# side on 2 cores would only slow each other), and the other worker runs the in-process tests meanwhile. The
-# workers tell the scheduler which tests those are through a file: xdist's own `xdist_group` marks are lost
-# on pytest >= 9.2 (pytest-dev/pytest-xdist#1386).
-PROCS_IDS = "DAPT_TEST_PROCS_IDS"
-
-
 def pytest_configure(config):
     if os.environ.get("PYTEST_XDIST_WORKER"):
-        # a worker's in-process tests share the cores with the other worker's ranks: one thread each
+        # `make test-fast` runs two pytest-xdist workers on the in-process tests: one torch thread each
         import torch
 
         torch.set_num_threads(1)
-    elif getattr(config.option, "numprocesses", None) and config.getvalue("dist") == "loadgroup":
-        import tempfile
-
-        fd, path = tempfile.mkstemp(prefix="dapt-procs-ids-")
-        os.close(fd)
-        os.environ[PROCS_IDS] = path  # the workers inherit it
-        config.add_cleanup(lambda: os.unlink(path))
-
-
-@pytest.hookimpl(trylast=True)
-def pytest_collection_modifyitems(items):
-    path, worker = os.environ.get(PROCS_IDS), os.environ.get("PYTEST_XDIST_WORKER")
-    if path and worker:
-        with open(f"{path}.{worker}", "w") as f:
-            f.write("\n".join(item.nodeid for item in items if item.get_closest_marker("procs")))
-        os.replace(f"{path}.{worker}", path)  # every worker collects the same tests: the last write wins
-
-
-@pytest.hookimpl(optionalhook=True)
-def pytest_xdist_make_scheduler(config, log):
-    if not os.environ.get(PROCS_IDS):
-        return None
-    from xdist.scheduler import LoadGroupScheduling
-
-    class ProcsOnOneWorker(LoadGroupScheduling):
-        """loadgroup, with every `procs` test in one group (the biggest: it is handed out first)."""
-
-        def _split_scope(self, nodeid: str) -> str:
-            if not hasattr(self, "_procs"):  # read once every worker has collected (and written the file)
-                self._procs = set(Path(os.environ[PROCS_IDS]).read_text().splitlines())
-            return "procs" if nodeid in self._procs else super()._split_scope(nodeid)
-
-    return ProcsOnOneWorker(config, log)
 
 
 def _mapped_shm_files() -> set[str]:

@@ -21,8 +21,13 @@ LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_A
 @pytest.fixture
 def env(monkeypatch):
     for k in list(os.environ):
-        if k in LAUNCH_VARS or k.startswith(("SLURM_", "OMPI_", "PMI_", "PMIX_")):
+        if k.startswith(("SLURM_", "OMPI_", "PMI_", "PMIX_")):
             monkeypatch.delenv(k)
+    for k in LAUNCH_VARS:
+        # dapt sets these itself (a discovered rank); set-then-delete makes monkeypatch restore them at the end,
+        # also where they were absent: a test's RANK=2 must not reach the next test's error prefix
+        monkeypatch.setenv(k, "")
+        monkeypatch.delenv(k)
 
     def set_(**kv):
         for k, v in kv.items():
