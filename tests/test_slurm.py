@@ -211,7 +211,7 @@ STALE_LAUNCH_VARS = {"RANK": "5", "WORLD_SIZE": "9", "LOCAL_RANK": "3", "LOCAL_W
 # --- one node ---------------------------------------------------------------------------------------
 
 HOOKS = ROOT / "tests" / "workers" / "jobhooks"  # test-only sitecustomize: slow rank-0 writes, exit times, env dumps
-SLOW_WRITE = 9  # seconds rank 0's final writes take longer in the pipeline's jobs; srun's --wait there is 3
+SLOW_WRITE = 6  # seconds rank 0's final writes take longer in the pipeline's jobs; srun's --wait there is 3
 
 
 def hooked(env: dict[str, str], **hooks) -> dict[str, str]:
@@ -348,7 +348,7 @@ def exit_and_write_times(folder: Path) -> tuple[dict[str, float], list[float]]:
 @pytest.mark.slurm
 def test_ranks_wait_for_rank0_final_writes_under_srun_wait(pipeline_run):
     """`srun --wait=3` (DAPT_SRUN_WAIT=3) kills the tasks still running 3 s after the first one exits, and rank
-    0's final writes take 9 s longer in the pipeline's jobs (tests/workers/jobhooks: the MLM's and the
+    0's final writes take SLOW_WRITE (6) s longer in the pipeline's jobs (tests/workers/jobhooks: the MLM's and the
     fine-tune's model export, the evaluation's results + model card + W&B run), 2 tasks each: every rank
     stays until rank 0 has written (the trainer's closing barrier, evaluate's end barrier), so nothing is
     killed, the three jobs exit 0 and the files exist. Without the barrier at the end of evaluate, rank 1
