@@ -25,9 +25,10 @@ BIN = Path(sys.executable).parent
 PROCESS_FIXTURES = {"base_env", "fp16_env", "cluster", "mpi_ready", "chromium"}
 
 
-def pytest_itemcollected(item):
-    if PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
-        item.add_marker(pytest.mark.procs)
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.procs)
 
 
 def pytest_configure(config):
@@ -55,15 +56,15 @@ def _mapped_shm_files() -> set[str]:
 @pytest.fixture(scope="session", autouse=True)
 def no_shared_memory_leak():
     """Ranks the tests kill (SIGKILL, crashes) cannot unlink DeepSpeed's /dev/shm allreduce buffers
-    (dapt unlinks them at a normal exit); remove what this session left behind that no process maps: another
-    pytest worker's (make test runs two) or another job's ranks on this machine may be using theirs."""
+    (dapt unlinks them at a normal exit); remove what this session left behind that no process maps (another
+    pytest's or job's ranks on this machine may be using theirs)."""
     import glob
 
     pattern = "/dev/shm/deepspeed_allreduce_buffer_*"
     before = set(glob.glob(pattern))
     yield
     leftovers = set(glob.glob(pattern)) - before
-    for leftover in leftovers - _mapped_shm_files() if leftovers else ():
+    for leftover in (leftovers - _mapped_shm_files()) if leftovers else ():
         try:
             os.unlink(leftover)
         except OSError:
