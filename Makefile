@@ -26,9 +26,13 @@ demo: venv
 		--output_dir runs/demo --overwrite_output_dir
 
 # The venv first on PATH: its deepspeed/torchrun/ninja for the ranks the tests start (DeepSpeed's JIT ops,
-# pre-built by .ci/run, are then up to date instead of rebuilt mid-suite).
+# pre-built by .ci/run, are then up to date instead of rebuilt mid-suite). Two pytest-xdist workers, a test
+# module at a time each (a module's fixtures, e.g. the Slurm cluster, stay in one worker), in the order
+# tests/conftest.py gives (longest first): one worker's waits (Slurm's scheduling and requeue holds, ranks
+# waiting for rank 0's writes) are the other's CPU time.
+XDIST := -n 2 --dist loadfile --no-loadscope-reorder
 test: venv
-	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/python -m pytest $(XDIST) $(PYTEST_ARGS)
 
 # The inner loop: the in-process tests only, no process started (`procs`, set in tests/conftest.py), no
 # multi-rank run, cluster or install, in two pytest-xdist workers; `make test` is the whole suite, in one

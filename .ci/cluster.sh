@@ -65,7 +65,7 @@ start_munge() {
 
 write_conf() {  # $1 = 1 or 2 nodes
     local nodes=$1 cpus mem declared
-    cpus=$(nproc)
+    cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # nproc obeys both: the machine's cores here
     declared=${DAPT_CLUSTER_CPUS:-8}
     [[ $declared =~ ^[1-9][0-9]*$ ]] || die "DAPT_CLUSTER_CPUS=$declared: expected a number of CPUs"
     (( declared >= cpus )) || declared=$cpus

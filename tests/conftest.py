@@ -25,18 +25,36 @@ BIN = Path(sys.executable).parent
 PROCESS_FIXTURES = {"base_env", "fp16_env", "cluster", "mpi_ready", "chromium"}
 
 
+# `make test` runs two pytest-xdist workers, one test module at a time each (--dist loadfile: a module's
+# fixtures, e.g. the Slurm cluster, stay in one worker). Each worker is handed two modules ahead, so the
+# longest module goes first with a short one behind it, then the rest longest first (the last measured
+# order; a module not named here only runs later, nothing is skipped).
+HEAVIEST_FIRST = ["test_slurm", "test_cls_only", "test_resume", "test_pipeline_dist", "test_benchmarks",
+                  "test_head_warmup", "test_fp16", "test_packaging", "test_prepare", "test_ux", "test_data",
+                  "test_plan", "test_trainer", "test_bad_input", "test_exact_eval", "test_sweep"]
+
+
+def _module_rank(item) -> int:
+    name = Path(str(item.fspath)).stem
+    return HEAVIEST_FIRST.index(name) if name in HEAVIEST_FIRST else len(HEAVIEST_FIRST)
+
+
 def pytest_collection_modifyitems(items):
     for item in items:
         if PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.procs)
+    items.sort(key=_module_rank)  # stable: the tests of a module keep their order
 
 
 def pytest_configure(config):
     if os.environ.get("PYTEST_XDIST_WORKER"):
-        # `make test-fast` runs two pytest-xdist workers on the in-process tests: one torch thread each
+        # `make test` and `make test-fast` run two pytest-xdist workers on 2 cores: one thread per process, in
+        # the worker and in the processes it starts (a 1-rank run would take every core of the machine: its
+        # OpenMP threads then wait spinning for each other while the other worker's processes hold a core)
         import torch
 
         torch.set_num_threads(1)
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def _mapped_shm_files() -> set[str]:

@@ -184,9 +184,10 @@ def _stub(bin_dir: Path, name: str, body: str) -> None:
 
 def _script_env(tmp_path: Path, **more) -> dict[str, str]:
     # TOKENIZERS_PARALLELISM: the tokenizers library sets it in this process once an earlier test tokenised;
-    # the scripts' own default is what is checked here
+    # OMP_NUM_THREADS: set for pytest-xdist workers (tests/conftest.py) or by the user; the scripts' own
+    # defaults are what is checked here
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SLURM_", "SBATCH_", "DAPT_")) and k != "TOKENIZERS_PARALLELISM"}
+           if not k.startswith(("SLURM_", "SBATCH_", "DAPT_")) and k not in ("TOKENIZERS_PARALLELISM", "OMP_NUM_THREADS")}
     env.update(STALE, PATH=f"{tmp_path / 'bin'}{os.pathsep}{env['PATH']}", DAPT_VENV="none", DAPT_PYTHON="python3")
     env.update({k: str(v) for k, v in more.items()})
     return env
