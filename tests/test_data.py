@@ -68,6 +68,49 @@ def test_packing_gives_full_blocks_without_padding(tokenizer, imdb_sample):
     assert "attention_mask" not in batch and batch["input_ids"].shape == (8, 128)  # nothing to mask out
 
 
+def test_tokenising_maps_are_keyed_without_pickling_the_tokenizer(tokenizer_dir, tmp_path, monkeypatch):
+    """The cache key of the tokenising maps (dapt.data.text.tokenize_fingerprint) follows what decides the
+    tokens (input, tokenizer pipeline, settings) but not the truncation and padding a call leaves on the
+    tokenizer; datasets never pickles the tokenizer for it (~0.15 s a map on every rank); the cached data
+    are found again and equal a fresh tokenisation."""
+    import datasets
+    from datasets.fingerprint import Hasher
+    from transformers import AutoTokenizer
+
+    from dapt.data.text import tokenize_fingerprint
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    _jsonl(tmp_path / "r.jsonl", [{"text": f"review {i}: a <br />fine film, {'very ' * i}long"} for i in range(40)])
+    ds = datasets.load_dataset("json", data_files=str(tmp_path / "r.jsonl"), split="train",
+                               cache_dir=str(tmp_path / "cache"))
+    tok, same = AutoTokenizer.from_pretrained(tokenizer_dir), AutoTokenizer.from_pretrained(tokenizer_dir)
+    key = tokenize_fingerprint(ds, tok, "dapt.data.mlm", stage="mlm")
+    assert key and key == tokenize_fingerprint(ds, same, "dapt.data.mlm", stage="mlm")  # another load of it
+    tok("a call that leaves truncation and padding set", truncation=True, max_length=8, padding="max_length")
+    assert tokenize_fingerprint(ds, tok, "dapt.data.mlm", stage="mlm") == key
+    others = [tokenize_fingerprint(ds.select(range(39)), tok, "dapt.data.mlm", stage="mlm"),
+              tokenize_fingerprint(ds, tok, "dapt.data.classify", stage="mlm"),
+              tokenize_fingerprint(ds, tok, "dapt.data.mlm", stage="classify")]
+    for settings in ({"max_seq_length": 64}, {"max_seq_length": 32}, {"max_seq_length": 64, "strategy": "head"}):
+        others.append(tokenize_fingerprint(ds, tok, "dapt.data.classify", stage="classify", **settings))
+    same.add_tokens(["zzdaptword"])  # another vocabulary
+    others.append(tokenize_fingerprint(ds, same, "dapt.data.mlm", stage="mlm"))
+    assert len({key, *others}) == len(others) + 1
+    assert tokenize_fingerprint(ds, object(), "dapt.data.mlm") is None  # no serialised pipeline: datasets' own key
+
+    labelled = ds.map(lambda b: {"label": [0] * len(b["text"])}, batched=True)
+    hashed = []
+    real_hash = Hasher.hash
+    monkeypatch.setattr(Hasher, "hash", classmethod(lambda cls, value: hashed.append(value) or real_hash(value)))
+    first = tokenize_for_mlm(ds, tok)
+    data = tokenize_for_classification(labelled, tok, 16, "head+tail", 4)
+    assert not [v for v in hashed if callable(v) or v is tok], hashed  # no function (closure) was pickled
+    again = tokenize_for_mlm(ds, AutoTokenizer.from_pretrained(tokenizer_dir))
+    assert again.cache_files == first.cache_files and again._fingerprint == first._fingerprint
+    assert again["input_ids"] == [tok(clean_text(t))["input_ids"] for t in ds["text"]]
+    assert max(data["length"]) == 16 and any(data["truncated"])
+
+
 def test_masking_rates_and_specials():
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(1000, 30000, (64, 512))

@@ -11,7 +11,7 @@ from dapt.config import ID2LABEL, EvalConfig, FinetuneConfig
 from dapt.data.labels import summary_line
 from dapt.data.prepared import load_prepared, read_manifest, stage_settings
 from dapt.data.sources import load_source, print_notes, split_validation
-from dapt.data.text import cls_sep, encode_for_classification, map_procs
+from dapt.data.text import cls_sep, encode_for_classification, map_procs, tokenize_fingerprint
 from dapt.distributed import DistInfo, node_main_first
 from dapt.errors import DaptError
 
@@ -26,7 +26,10 @@ def tokenize_for_classification(ds: Any, tokenizer: Any, max_seq_length: int, st
                 "truncated": [n > max_seq_length for n in n_tokens],
                 "n_tokens": n_tokens}  # before truncation (data summaries)
 
-    return ds.map(encode, batched=True, remove_columns=["text"], desc="tokenize", num_proc=map_procs(num_proc))
+    key = tokenize_fingerprint(ds, tokenizer, __name__, stage="classify", max_seq_length=max_seq_length,
+                               strategy=strategy, head_tokens=head_tokens)
+    return ds.map(encode, batched=True, remove_columns=["text"], desc="tokenize", num_proc=map_procs(num_proc),
+                  new_fingerprint=key)
 
 
 @dataclass

@@ -11,7 +11,7 @@ from dapt.config import MLMConfig
 from dapt.data.batching import batch_seed
 from dapt.data.prepared import load_prepared, stage_settings
 from dapt.data.sources import load_table, split_validation
-from dapt.data.text import clean_text, map_procs
+from dapt.data.text import clean_text, map_procs, tokenize_fingerprint
 from dapt.distributed import DistInfo, node_main_first
 from dapt.errors import DaptError
 
@@ -25,7 +25,9 @@ def tokenize_for_mlm(ds: Any, tokenizer: Any, num_proc: int | None = None) -> An
                         verbose=False)
         return {"input_ids": enc["input_ids"]}
 
-    return ds.map(encode, batched=True, remove_columns=ds.column_names, desc="tokenize", num_proc=map_procs(num_proc))
+    return ds.map(encode, batched=True, remove_columns=ds.column_names, desc="tokenize", num_proc=map_procs(num_proc),
+                  new_fingerprint=tokenize_fingerprint(ds, tokenizer, __name__, stage="mlm",
+                                                       remove_columns=ds.column_names))
 
 
 def mlm_examples(ds: Any, tokenizer: Any, max_seq_length: int, packing: bool, num_proc: int | None = None) -> Any:

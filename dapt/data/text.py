@@ -4,7 +4,12 @@ Cleaning (IMDB's HTML line breaks), head or head+tail truncation (Sun et al. 201
 """
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import re
+import sys
+from pathlib import Path
 from typing import Any, Sequence
 
 from dapt.errors import DaptError
@@ -47,3 +52,57 @@ def cls_sep(tokenizer: Any) -> tuple[int, int]:
 
 def map_procs(num_proc: int | None) -> int | None:
     return num_proc if num_proc and num_proc > 1 else None  # datasets: None = in this process
+
+
+def tokenize_fingerprint(ds: Any, tokenizer: Any, module: str, **settings: Any) -> str | None:
+    """The cache key of a tokenising `ds.map` in `module`, or None for datasets' own.
+
+    datasets keys a map's cache file by pickling the mapped function, tokenizer and all: ~0.15 s a map, paid
+    by every rank of every run (each looks its cache up). The same key from what decides the output: the
+    input's fingerprint, the tokenizer's whole pipeline (the fast tokenizer's serialised form: vocabulary,
+    normaliser, pre-tokeniser, added tokens; not the truncation and padding each call sets) and its plain
+    settings, the map's settings, this module's and the calling module's source, and the library versions.
+    A slow (Python) tokenizer has no serialised form: None, and datasets hashes it as before."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    fingerprint = getattr(ds, "_fingerprint", None)
+    if backend is None or not fingerprint:
+        return None
+    import datasets
+    import tokenizers
+    import transformers
+
+    plain = {k: v for k, v in sorted(getattr(tokenizer, "init_kwargs", {}).items()) if _plain(v)}
+    parts = [fingerprint, type(tokenizer).__qualname__, _pipeline(backend), json.dumps(plain, sort_keys=True),
+             json.dumps(settings, sort_keys=True, default=str), _source_digest(__name__), _source_digest(module),
+             datasets.__version__, tokenizers.__version__, transformers.__version__]
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part.encode())
+        digest.update(b"\0")
+    return digest.hexdigest()[:32]
+
+
+def _pipeline(backend: Any) -> str:
+    """The fast tokenizer's serialised form from "added_tokens" on: the keys before it are the format version
+    (kept) and the truncation and padding that each call sets from its own arguments (ours: none), which
+    would make the key depend on earlier calls. The whole form if the layout is not the expected one."""
+    text = backend.to_str()
+    cut = text.find(',"added_tokens":')
+    head = text[:cut]
+    return text if cut < 0 or '"version"' not in head else head.split(",", 1)[0] + text[cut:]
+
+
+def _plain(value: Any) -> bool:
+    """JSON values whose text is the same in every process (no object reprs with addresses)."""
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    return False
+
+
+@functools.lru_cache(maxsize=None)
+def _source_digest(module: str) -> str:
+    return hashlib.sha256(Path(sys.modules[module].__file__).read_bytes()).hexdigest()
