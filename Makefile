@@ -35,9 +35,8 @@ test: venv
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/python -m pytest $(XDIST) $(PYTEST_ARGS)
 
 # The inner loop: the in-process tests only, no process started (`procs`, set in tests/conftest.py), no
-# multi-rank run, cluster or install, in two pytest-xdist workers; `make test` is the whole suite, in one
-# process: the multi-rank tests beside other work would preempt ranks whose peers then spin in their
-# collectives (DeepSpeed's CPU allreduce polls): measured slower (928 vs 887 s, 1,428 vs 1,220 core-s).
+# multi-rank run, cluster or install, in two pytest-xdist workers, a test at a time each; `make test` is the
+# whole suite.
 FAST := not procs and not dist and not resume and not fp16 and not slurm and not mpi and not install
 test-fast: venv
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/python -m pytest -n 2 -m "$(FAST)" $(PYTEST_ARGS)
