@@ -39,8 +39,8 @@ setup(
     ],
     extras_require={
         # selenium: the demo page in headless Chromium; accelerate: the HF Trainer arm of the gpu_speed smoke test;
-        # pytest-xdist: `make test-fast` runs the in-process tests in two workers
-        "test": ["pytest>=7", "pytest-xdist>=3.2", "scikit-learn", "selenium", "accelerate"],
+        # pytest-xdist: `make test` and `make test-fast` run two workers (3.8: --no-loadscope-reorder)
+        "test": ["pytest>=7", "pytest-xdist>=3.8", "scikit-learn", "selenium", "accelerate"],
         "mpi": ["mpi4py"],
         "wandb": ["wandb"],
         "demo": ["gradio"],  # dapt demo: the Gradio page
