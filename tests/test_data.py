@@ -79,7 +79,6 @@ def test_tokenising_maps_are_keyed_without_pickling_the_tokenizer(tokenizer_dir,
 
     from dapt.data.text import tokenize_fingerprint
 
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
     _jsonl(tmp_path / "r.jsonl", [{"text": f"review {i}: a <br />fine film, {'very ' * i}long"} for i in range(40)])
     ds = datasets.load_dataset("json", data_files=str(tmp_path / "r.jsonl"), split="train",
                                cache_dir=str(tmp_path / "cache"))
