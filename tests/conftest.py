@@ -35,7 +35,7 @@ HEAVIEST_FIRST = ["test_slurm", "test_cls_only", "test_resume", "test_pipeline_d
 
 
 def _module_rank(item) -> int:
-    name = Path(str(item.fspath)).stem
+    name = item.path.stem
     return HEAVIEST_FIRST.index(name) if name in HEAVIEST_FIRST else len(HEAVIEST_FIRST)
 
 

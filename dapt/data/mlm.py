@@ -26,8 +26,7 @@ def tokenize_for_mlm(ds: Any, tokenizer: Any, num_proc: int | None = None) -> An
         return {"input_ids": enc["input_ids"]}
 
     return ds.map(encode, batched=True, remove_columns=ds.column_names, desc="tokenize", num_proc=map_procs(num_proc),
-                  new_fingerprint=tokenize_fingerprint(ds, tokenizer, __name__, stage="mlm",
-                                                       remove_columns=ds.column_names))
+                  new_fingerprint=tokenize_fingerprint(ds, tokenizer, __name__, stage="mlm"))
 
 
 def mlm_examples(ds: Any, tokenizer: Any, max_seq_length: int, packing: bool, num_proc: int | None = None) -> Any:

@@ -4,7 +4,6 @@ Cleaning (IMDB's HTML line breaks), head or head+tail truncation (Sun et al. 201
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import re
@@ -12,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from dapt.data.prepared import hash_file
 from dapt.errors import DaptError
 
 _BR = re.compile(r"<br\s*/?>", re.IGNORECASE)
@@ -73,12 +73,14 @@ def tokenize_fingerprint(ds: Any, tokenizer: Any, module: str, **settings: Any) 
 
     plain = {k: v for k, v in sorted(getattr(tokenizer, "init_kwargs", {}).items()) if _plain(v)}
     parts = [fingerprint, type(tokenizer).__qualname__, _pipeline(backend), json.dumps(plain, sort_keys=True),
-             json.dumps(settings, sort_keys=True, default=str), _source_digest(__name__), _source_digest(module),
+             json.dumps(settings, sort_keys=True, default=str),
              datasets.__version__, tokenizers.__version__, transformers.__version__]
     digest = hashlib.sha256()
     for part in parts:
         digest.update(part.encode())
         digest.update(b"\0")
+    for name in (__name__, module):  # the code that cleans, cuts and encodes
+        hash_file(Path(sys.modules[name].__file__), digest)
     return digest.hexdigest()[:32]
 
 
@@ -88,8 +90,9 @@ def _pipeline(backend: Any) -> str:
     would make the key depend on earlier calls. The whole form if the layout is not the expected one."""
     text = backend.to_str()
     cut = text.find(',"added_tokens":')
-    head = text[:cut]
-    return text if cut < 0 or '"version"' not in head else head.split(",", 1)[0] + text[cut:]
+    if cut < 0 or '"version"' not in text[:cut]:
+        return text
+    return text[:cut].split(",", 1)[0] + text[cut:]
 
 
 def _plain(value: Any) -> bool:
@@ -101,8 +104,3 @@ def _plain(value: Any) -> bool:
     if isinstance(value, dict):
         return all(isinstance(k, str) and _plain(v) for k, v in value.items())
     return False
-
-
-@functools.lru_cache(maxsize=None)
-def _source_digest(module: str) -> str:
-    return hashlib.sha256(Path(sys.modules[module].__file__).read_bytes()).hexdigest()
