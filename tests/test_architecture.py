@@ -13,12 +13,15 @@ new one is a decision made here, not an accident.
 from __future__ import annotations
 
 import ast
+import json
+import os
 import re
 import subprocess
 import sys
 from collections import defaultdict
 from pathlib import Path
 
+import pytest
 from conftest import ROOT
 
 PACKAGE = ROOT / "dapt"
@@ -274,11 +277,55 @@ def test_training_core_functions_fit_on_a_screen():
     assert long == []
 
 
-def test_every_module_imports_in_a_fresh_interpreter():
+FRESH = """
+import importlib, json, os, sys
+for m in sys.argv[1:]:
+    importlib.import_module(m)
+print('ok', len(sys.argv) - 1)
+
+from dapt.commands import command
+
+@command
+def start():  # a command, up to deepspeed.initialize's ZeRO optimizer check, which imports DeepSpeed's Muon
+    import deepspeed.runtime.zero.muon.muon_optimizer
+
+start()
+print(json.dumps({"TORCHDYNAMO_DISABLE": os.environ.get("TORCHDYNAMO_DISABLE"),
+                  "compiler": "torch._inductor.compile_fx" in sys.modules, "modules": len(sys.modules)}))
+"""
+
+
+@pytest.fixture(scope="module")
+def fresh_interpreter() -> tuple[list[str], subprocess.CompletedProcess]:
+    """One fresh interpreter (no TORCHDYNAMO_DISABLE of the caller's): every module imported, then what a
+    command does at start-up."""
     names = sorted(m for m in modules() if m != "dapt.__main__")
-    code = "import importlib, sys\nfor m in sys.argv[1:]:\n    importlib.import_module(m)\nprint('ok', len(sys.argv) - 1)"
-    proc = subprocess.run([sys.executable, "-c", code, *names], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and proc.stdout.splitlines()[-1] == f"ok {len(names)}", proc.stderr[-3000:]
+    env = {k: v for k, v in os.environ.items() if k != "TORCHDYNAMO_DISABLE"}
+    proc = subprocess.run([sys.executable, "-c", FRESH, *names], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return names, proc
+
+
+def test_every_module_imports_in_a_fresh_interpreter(fresh_interpreter):
+    names, proc = fresh_interpreter
+    assert proc.stdout.splitlines()[-2] == f"ok {len(names)}", proc.stdout[-3000:]
+
+
+def test_a_command_does_not_import_the_compiler(fresh_interpreter):
+    """dapt never compiles: a command sets TORCHDYNAMO_DISABLE=1, so the torch.compile decorators of the
+    Muon module DeepSpeed's ZeRO check imports are no-ops, and torch's compiler (inductor's compile_fx and
+    ~590 modules with it, ~1.1 s a rank) is not imported."""
+    _, proc = fresh_interpreter
+    seen = json.loads(proc.stdout.splitlines()[-1])
+    assert (seen["TORCHDYNAMO_DISABLE"], seen["compiler"]) == ("1", False), seen
+
+
+def test_a_users_torchdynamo_setting_is_kept(monkeypatch):
+    from dapt.commands import command
+
+    monkeypatch.setenv("TORCHDYNAMO_DISABLE", "0")
+    assert command(lambda: os.environ["TORCHDYNAMO_DISABLE"])() == "0"
 
 
 def test_python_dash_m_dapt_runs_the_cli():

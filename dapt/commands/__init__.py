@@ -37,6 +37,15 @@ def _wait_for_the_other_ranks() -> None:
         dist.barrier()
 
 
+def no_compiler_at_startup() -> None:
+    """dapt's commands never compile (dapt refuses DeepSpeed's "compile" key), yet DeepSpeed's ZeRO optimizer
+    check imports its Muon optimizer, whose torch.compile decorators import torch's compiler (inductor's
+    compile_fx, ~590 modules): ~1.1 s of every rank's start-up, per job and per requeue. TORCHDYNAMO_DISABLE=1 makes those
+    decorators no-ops; it reaches the processes a command starts (the pipeline's stages). A value the user
+    set is kept."""
+    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+
+
 def command(main: Callable[..., T]) -> Callable[..., T]:
     """Wrap a command's main(): map dapt's exceptions to one line and an exit code."""
 
@@ -48,6 +57,7 @@ def command(main: Callable[..., T]) -> Callable[..., T]:
         # run; only garbage cycles are left for the OS to reclaim.
         atexit.unregister(gc.freeze)
         atexit.register(gc.freeze)
+        no_compiler_at_startup()
         try:
             return main(*args, **kwargs)
         except DaptError as exc:

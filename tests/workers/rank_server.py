@@ -45,8 +45,11 @@ def preload() -> None:
                    "dapt.model.export", "dapt.model.attention"):
         __import__(module)
     from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification, AutoTokenizer  # noqa: F401
-    # deepspeed.initialize's ZeRO optimizer check imports Muon, whose torch.compile decorators import
-    # torch._inductor (~580 modules, ~2 s per rank); nothing is compiled at import
+    # deepspeed.initialize's ZeRO optimizer check imports Muon; its torch.compile decorators are no-ops
+    # under TORCHDYNAMO_DISABLE=1, which every dapt command sets (dapt.commands.no_compiler_at_startup)
+    from dapt.commands import no_compiler_at_startup
+
+    no_compiler_at_startup()
     try:
         import deepspeed.runtime.zero.muon.muon_optimizer  # noqa: F401
     except ImportError:  # older DeepSpeed (constraints/lowest.txt): no Muon, nothing to preload
@@ -122,6 +125,8 @@ def _run_rank(request: dict, rank: int) -> int:
     if request["mode"] == "dist":
         os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                           LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(request["port"]))
+    if request.get("rank_env"):
+        os.environ.update(request["rank_env"][rank])
     os.chdir(request["cwd"])
     stdin = os.open(request["stdin"], os.O_RDONLY)
     os.dup2(stdin, 0)
