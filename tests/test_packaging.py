@@ -189,6 +189,9 @@ def test_installed_wheel_runs_mlm_then_finetune_outside_the_checkout(venv, outsi
                       "-m", "dapt", "finetune", "--model_name_or_path", "mlm", "--data_files", demo_files["train"],
                       "--output_dir", "finetune", "--head_tokens", 8, *common], tmp_path, outside_env)
     assert_ok(ft)
+    for proc in (mlm, ft):  # rank 0's line: both launchers' ranks met through the environment they were given
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("dapt: launcher ")]
+        assert len(lines) == 1 and lines[0].startswith("dapt: launcher env: 2 ranks (gloo), master "), lines
     for stage in ("mlm", "finetune"):
         run_cfg = json.loads((tmp_path / stage / "run_config.json").read_text())
         assert run_cfg["world_size"] == 2 and run_cfg["config"]["ds_config"] == "zero2_auto"

@@ -1,7 +1,8 @@
-"""Both stages for real on 2 CPU ranks (gloo) with a tiny BERT: ZeRO-2 and ZeRO-3, fp32 and bf16,
-under the deepspeed launcher (`--local_rank`), under torchrun (environment-based ranks) and as forked
-ranks (tests/ranks.py: the same environment, imports shared), then exact evaluation and export round
-trips."""
+"""Both stages for real on 2 CPU ranks (gloo) with a tiny BERT: ZeRO-2 and ZeRO-3, fp32 and bf16, as forked
+ranks (tests/ranks.py: a launcher's environment, the imports shared), then exact evaluation and export round
+trips. The launchers themselves run where they are what is tested: `deepspeed` passing `--local_rank` to
+launch/mlm.py (test_resume's stop tests) and to the installed `dapt` (test_packaging), `torchrun -m dapt`
+(test_packaging), and a failing pipeline stage under the real `deepspeed` launcher (the last test here)."""
 import json
 import os
 
@@ -28,7 +29,7 @@ def _mlm(out, tiny_model, demo_files, env, ds, launcher, epochs=2):
 @pytest.fixture(scope="module")
 def mlm_zero2(tmp_path_factory, tiny_model, demo_files, base_env):
     out = tmp_path_factory.mktemp("mlm_zero2") / "run"
-    proc = _mlm(out, tiny_model, demo_files, base_env, "ds_configs/zero2_auto.json", "deepspeed")
+    proc = _mlm(out, tiny_model, demo_files, base_env, "ds_configs/zero2_auto.json", "fork")
     assert_ok(proc)
     return out, proc
 
@@ -84,7 +85,7 @@ def test_mlm_export_keeps_the_decoder_tied(mlm_zero2, tiny_model):
 
 
 def test_mlm_zero3_bf16(tmp_path, tiny_model, demo_files, base_env):
-    out = tmp_path / "run"  # torchrun's environment rendezvous is tested once, by the `finetuned` fixture
+    out = tmp_path / "run"
     assert_ok(_mlm(out, tiny_model, demo_files, base_env, "ds_configs/zero3_bf16.json", "fork", epochs=1))
     summary = json.loads((out / "summary.json").read_text())
     assert summary["precision"] == "bf16" and summary["world_size"] == 2
@@ -101,7 +102,7 @@ def test_mlm_zero3_bf16(tmp_path, tiny_model, demo_files, base_env):
 
 @pytest.fixture(scope="module")
 def finetuned(tmp_path_factory, mlm_zero2, demo_files, base_env):
-    """Stage 2 from the Stage-1 output dir, ZeRO-3 fp32 under torchrun; 19 validation examples (prime);
+    """Stage 2 from the Stage-1 output dir, ZeRO-3 fp32 (forked ranks); 19 validation examples (prime);
     best-checkpoint selection on held-out accuracy with early stopping, keeping one checkpoint."""
     out = tmp_path_factory.mktemp("ft_zero3") / "run"
     args = ["--model_name_or_path", mlm_zero2[0], "--data_files", demo_files["train"], "--output_dir", out,
@@ -109,7 +110,7 @@ def finetuned(tmp_path_factory, mlm_zero2, demo_files, base_env):
             "--num_epochs", "2", "--learning_rate", "2e-3", "--warmup", "0.1", "--validation_split", "0.1",
             "--select_best", "accuracy", "--early_stopping_patience", "3", "--eval_steps", "3", "--keep_last", "1",
             *COMMON]
-    assert_ok(run_cli("finetune.py", args, base_env, ranks=2, launcher="torchrun"))
+    assert_ok(run_cli("finetune.py", args, base_env, ranks=2, launcher="fork"))
     return out
 
 
