@@ -112,7 +112,7 @@ class ForkedJob:
 
     def __init__(self, argv: list[str], env: dict[str, str], ranks: int, cwd: Path | str = ROOT,
                  dist: bool | None = None, stdin: str | None = None, fork_stages: bool = False,
-                 server: str | None = None):
+                 server: str | None = None, rank_env: list[dict[str, str]] | None = None):
         self.args = list(argv)
         fd, stdin_path = tempfile.mkstemp(prefix="stdin-", dir=_scratch())
         os.write(fd, (stdin or "").encode())
@@ -124,7 +124,7 @@ class ForkedJob:
         site_dirs, server_env = _split_site_dirs(env)
         request = dict(argv=self.args, env=dict(env), ranks=ranks, cwd=str(cwd), stdin=stdin_path, stdout=self._stdout,
                        stderr=self._stderr, mode="dist" if (ranks > 1 if dist is None else dist) else "python",
-                       port=free_port(), fork_stages=fork_stages, site_dirs=site_dirs)
+                       port=free_port(), fork_stages=fork_stages, site_dirs=site_dirs, rank_env=rank_env or [])
         self._conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._conn.connect(server or _server(server_env))
         self._conn.sendall((json.dumps(request) + "\n").encode())
@@ -184,11 +184,13 @@ class ForkedJob:
 
 def run(argv: list[str], env: dict[str, str], ranks: int = 1, cwd: Path | str = ROOT,
         timeout: float = 300, dist: bool | None = None, stdin: str | None = None,
-        fork_stages: bool = False) -> subprocess.CompletedProcess:
+        fork_stages: bool = False, rank_env: list[dict[str, str]] | None = None) -> subprocess.CompletedProcess:
     """Run a job of forked ranks to its end: `argv` as after `python` (a script and its arguments, or
     `-m module ...`); 1 rank runs as plain `python` (no launcher environment) unless dist=True. Every
     rank reads `stdin` (empty if None). fork_stages: a `dapt pipeline` whose stages are forked ranks too,
-    instead of deepspeed launches."""
-    job = ForkedJob(argv, env, ranks, cwd, dist, stdin, fork_stages)
+    instead of deepspeed launches. rank_env: each rank's own variables, set over the launcher's (e.g.
+    LOCAL_RANK 0 on every rank: one rank per node); the server's imports read `env`, so a rank that needs
+    an import-time value of its own re-reads it."""
+    job = ForkedJob(argv, env, ranks, cwd, dist, stdin, fork_stages, rank_env=rank_env)
     stdout, stderr = job.communicate(timeout=timeout)
     return subprocess.CompletedProcess(job.args, job.returncode, stdout, stderr)

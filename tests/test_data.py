@@ -226,12 +226,15 @@ def test_length_bucketing_keeps_batches_random_and_world_size_independent():
 # --- DAPT_CACHE_SCOPE: who tokenises first -----------------------------------------------------------
 
 CACHE_WORKER = '''
-import json, os, sys, time
+import importlib, json, os, sys, time
+import datasets.config
 import torch, torch.distributed as dist
 from transformers import AutoTokenizer
 import dapt.data.mlm as mlm
 from dapt.config import MLMConfig
 from dapt.distributed import DistInfo
+
+importlib.reload(datasets.config)  # a forked rank: read this rank's HF_DATASETS_CACHE, as a fresh process does
 
 dist.init_process_group("gloo")
 info = DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=int(os.environ["LOCAL_RANK"]),
@@ -249,32 +252,26 @@ cfg = MLMConfig(output_dir="x", data_files=[sys.argv[2]], max_seq_length=32, val
 train, val = mlm.mlm_splits(cfg, info, tok)
 files = sorted({f["filename"] for ds in (train, val) for f in ds.cache_files})
 json.dump({"rank": info.rank, "entered": entered[0], "blocks": len(train),
-           "files": {f: os.stat(f).st_mtime for f in files}}, open(sys.argv[3], "w"))
+           "files": {f: os.stat(f).st_mtime for f in files}}, open(os.path.join(sys.argv[3], f"rank{info.rank}.json"), "w"))
 dist.destroy_process_group()
 '''
 
 
 def _ranks_on_nodes(tmp_path, base_env, tiny_model, data, scope, local_ranks, caches):
-    """Two ranks as separate processes with the environment a launcher gives each (RANK, LOCAL_RANK,
-    ...): local_ranks [0, 0] are two nodes, [0, 1] one node. Returns each rank's report."""
+    """Two ranks with the environment a launcher gives each (RANK, LOCAL_RANK, ...; forked: tests/ranks.py):
+    local_ranks [0, 0] are two nodes, [0, 1] one node, each rank with its own HF_DATASETS_CACHE. Returns
+    each rank's report."""
     import json
-    import subprocess
-    import sys
 
-    from conftest import free_port
+    import ranks
 
     worker = tmp_path / "worker.py"
     worker.write_text(CACHE_WORKER)
-    port, procs = str(free_port()), []
-    for rank, (local, cache) in enumerate(zip(local_ranks, caches)):
-        env = dict(base_env, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(local),
-                   LOCAL_WORLD_SIZE=str(max(local_ranks) + 1),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port, HF_DATASETS_CACHE=str(cache), DAPT_CACHE_SCOPE=scope)
-        procs.append(subprocess.Popen([sys.executable, str(worker), str(tiny_model), str(data),
-                                       str(tmp_path / f"rank{rank}.json")], env=env, stderr=subprocess.PIPE, text=True))
-    for p in procs:
-        _, err = p.communicate(timeout=240)
-        assert p.returncode == 0, err[-3000:]
+    rank_env = [{"LOCAL_RANK": str(local), "LOCAL_WORLD_SIZE": str(max(local_ranks) + 1), "HF_DATASETS_CACHE": str(cache)}
+                for local, cache in zip(local_ranks, caches)]
+    proc = ranks.run([str(worker), str(tiny_model), str(data), str(tmp_path)], dict(base_env, DAPT_CACHE_SCOPE=scope),
+                     2, timeout=240, rank_env=rank_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
 
 
