@@ -15,6 +15,7 @@ import importlib
 import sys
 from typing import Sequence
 
+from dapt.commands import import_without_gc
 from dapt.version import __version__
 
 # command -> help; each is dapt/commands/<command>.py with a main(argv)
@@ -57,6 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"dapt: error: unknown command '{command}'\n{usage()}", file=sys.stderr)
         sys.exit(2)
+    import_without_gc()
     importlib.import_module(f"dapt.commands.{command}").main(rest)
     return 0
 

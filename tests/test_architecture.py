@@ -58,7 +58,7 @@ EDGES = {
     "dapt.serve": {"dapt.data", "dapt.errors", "dapt.eval", "dapt.model"},
     "dapt.commands": {"dapt.config", "dapt.configs", "dapt.errors", "dapt.io", "dapt.jobs", "dapt.model",
                       "dapt.serve", "dapt.train"},
-    "dapt.cli": {"dapt.version"},
+    "dapt.cli": {"dapt.commands", "dapt.version"},
     "dapt.__main__": {"dapt.cli"},
 }
 
@@ -278,20 +278,23 @@ def test_training_core_functions_fit_on_a_screen():
 
 
 FRESH = """
-import importlib, json, os, sys
+import gc, importlib, json, os, sys
+from dapt.commands import command, import_without_gc
+
+import_without_gc()  # as the entry points do
 for m in sys.argv[1:]:
     importlib.import_module(m)
 print('ok', len(sys.argv) - 1)
-
-from dapt.commands import command
+seen = {"gc while importing": gc.isenabled()}
 
 @command
 def start():  # a command, up to deepspeed.initialize's ZeRO optimizer check, which imports DeepSpeed's Muon
+    seen.update({"gc in the command": gc.isenabled(), "frozen": gc.get_freeze_count()})
     import deepspeed.runtime.zero.muon.muon_optimizer
 
 start()
-print(json.dumps({"TORCHDYNAMO_DISABLE": os.environ.get("TORCHDYNAMO_DISABLE"),
-                  "compiler": "torch._inductor.compile_fx" in sys.modules, "modules": len(sys.modules)}))
+print(json.dumps({**seen, "TORCHDYNAMO_DISABLE": os.environ.get("TORCHDYNAMO_DISABLE"),
+                  "compiler": "torch._inductor.compile_fx" in sys.modules}))
 """
 
 
@@ -319,6 +322,25 @@ def test_a_command_does_not_import_the_compiler(fresh_interpreter):
     _, proc = fresh_interpreter
     seen = json.loads(proc.stdout.splitlines()[-1])
     assert (seen["TORCHDYNAMO_DISABLE"], seen["compiler"]) == ("1", False), seen
+
+
+def test_imports_run_without_gc_and_the_command_turns_it_back_on(fresh_interpreter):
+    """The entry points import a command with cyclic GC off (each full collection during torch's, DeepSpeed's
+    and transformers' imports scans everything imported so far: ~1.2 s a process); the command turns it
+    back on with the imported objects frozen (never scanned again)."""
+    _, proc = fresh_interpreter
+    seen = json.loads(proc.stdout.splitlines()[-1])
+    assert (seen["gc while importing"], seen["gc in the command"]) == (False, True), seen
+    assert seen["frozen"] > 100_000, seen  # torch, transformers, DeepSpeed: millions of objects
+
+
+def test_every_entry_point_imports_its_command_without_gc():
+    """launch/*.py and dapt.cli call import_without_gc() before they import a command."""
+    for path in [*sorted((ROOT / "launch").glob("*.py")), ROOT / "dapt" / "cli.py"]:
+        text = path.read_text()
+        call = text.find("import_without_gc()")
+        first = min(i for i in (text.find("from dapt.commands."), text.find('import_module(f"dapt.commands.')) if i >= 0)
+        assert 0 <= call < first, path
 
 
 def test_a_users_torchdynamo_setting_is_kept(monkeypatch):

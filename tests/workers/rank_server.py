@@ -16,6 +16,7 @@ can hang in its first parallel region.
 """
 from __future__ import annotations
 
+import gc
 import importlib.util
 import json
 import os
@@ -244,7 +245,10 @@ def serve(path: str) -> tuple[dict, int] | None:
 
 def main() -> None:
     started = time.time()
+    gc.disable()  # as dapt's entry points import (dapt.commands.import_without_gc); frozen: the ranks share it
     preload()
+    gc.freeze()
+    gc.enable()
     import threading
 
     if threading.active_count() > 1:  # forking beside other threads could copy a held lock
