@@ -252,7 +252,8 @@ cfg = MLMConfig(output_dir="x", data_files=[sys.argv[2]], max_seq_length=32, val
 train, val = mlm.mlm_splits(cfg, info, tok)
 files = sorted({f["filename"] for ds in (train, val) for f in ds.cache_files})
 json.dump({"rank": info.rank, "entered": entered[0], "blocks": len(train),
-           "files": {f: os.stat(f).st_mtime for f in files}}, open(os.path.join(sys.argv[3], f"rank{info.rank}.json"), "w"))
+           "files": {f: os.stat(f).st_mtime for f in files}},
+          open(os.path.join(sys.argv[3], f"rank{info.rank}.json"), "w"))
 dist.destroy_process_group()
 '''
 
@@ -267,8 +268,8 @@ def _ranks_on_nodes(tmp_path, base_env, tiny_model, data, scope, local_ranks, ca
 
     worker = tmp_path / "worker.py"
     worker.write_text(CACHE_WORKER)
-    rank_env = [{"LOCAL_RANK": str(local), "LOCAL_WORLD_SIZE": str(max(local_ranks) + 1), "HF_DATASETS_CACHE": str(cache)}
-                for local, cache in zip(local_ranks, caches)]
+    rank_env = [{"LOCAL_RANK": str(local), "LOCAL_WORLD_SIZE": str(max(local_ranks) + 1),
+                 "HF_DATASETS_CACHE": str(cache)} for local, cache in zip(local_ranks, caches)]
     proc = ranks.run([str(worker), str(tiny_model), str(data), str(tmp_path)], dict(base_env, DAPT_CACHE_SCOPE=scope),
                      2, timeout=240, rank_env=rank_env)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -43,9 +43,9 @@ _gc_off_for_imports = False
 def import_without_gc() -> None:
     """Called by the entry points (dapt.cli, launch/*.py) before they import a command: no cyclic garbage
     collection while torch, DeepSpeed and transformers import. Their millions of new objects trigger one
-    full collection after another, each scanning everything imported so far and finding nothing to free:
-    ~1.2 s of every process's start-up. The command turns collection back on as it starts (`command`),
-    with what was imported frozen (never scanned again)."""
+    full collection after another, each scanning everything imported so far and finding nothing to free
+    (1.1 s of GC in a one-rank run; 0.6 s with this). The command turns collection back on as it starts
+    (`command`), with what was imported frozen (never scanned again)."""
     global _gc_off_for_imports
     if gc.isenabled():
         gc.disable()
@@ -63,9 +63,9 @@ def _imports_done() -> None:
 def no_compiler_at_startup() -> None:
     """dapt's commands never compile (dapt refuses DeepSpeed's "compile" key), yet DeepSpeed's ZeRO optimizer
     check imports its Muon optimizer, whose torch.compile decorators import torch's compiler (inductor's
-    compile_fx, ~590 modules): ~1.1 s of every rank's start-up, per job and per requeue. TORCHDYNAMO_DISABLE=1 makes those
-    decorators no-ops; it reaches the processes a command starts (the pipeline's stages). A value the user
-    set is kept."""
+    compile_fx, ~590 modules): ~1.1 s of every rank's start-up, per job and per requeue.
+    TORCHDYNAMO_DISABLE=1 makes those decorators no-ops; it reaches the processes a command starts (the
+    pipeline's stages). A value the user set is kept."""
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
 
